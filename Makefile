@@ -1,0 +1,54 @@
+# clip3d: `make demo` runs the demo, `make test` runs the tests. Both create .venv on first use.
+#
+# Variables:
+#   PYTHON   interpreter used to create the venv (default: python3)
+#   CUDA     empty (default) = CPU install: torch==2.13.0 CPU wheel + the CPU `spconv` package.
+#            cu120 | cu121 | cu124 | cu126 = GPU install: the CUDA torch build from your index and the
+#            matching `spconv-cuXXX` wheel (same import name as `spconv`), e.g. `make CUDA=cu126 test`.
+#   VENV     venv folder (default: .venv)
+#   DEMO_OUT demo output folder (default: demo_output)
+#   PYTEST_ARGS extra pytest arguments
+
+PYTHON ?= python3
+CUDA ?=
+VENV ?= .venv
+DEMO_OUT ?= demo_output
+PYTEST_ARGS ?=
+
+SPCONV_EXTRA := $(if $(CUDA),$(CUDA),cpu)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(SPCONV_EXTRA)
+
+# Every process that starts rclpy stays on loopback with its own domain (DEVELOPERS.md).
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_DOMAIN_ID ?= 42
+export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
+export FASTRTPS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
+export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
+
+.PHONY: venv test demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 torchvision==0.28.0
+	$(BIN)/pip install -q -e ".[$(SPCONV_EXTRA),ros,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m clip3d_ros.demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check clip3d_core clip3d_ros tests launch training
+
+bench: $(STAMP)
+	$(BIN)/clip3d bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
