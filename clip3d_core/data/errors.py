@@ -1,0 +1,7 @@
+"""Errors of the data layer."""
+
+from __future__ import annotations
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file is missing or malformed."""
