@@ -25,3 +25,15 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real sample data absent: set CLIP3D_SHARED_DATA or place ../shared/data")
     return path
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch on one CPU thread for the test: OpenMP threads spin-wait, so on a busy 2-core machine
+    two threads run a tiny model up to ~10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

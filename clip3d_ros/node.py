@@ -1,0 +1,583 @@
+"""`clip3d` ROS 2 node: LiDAR PointCloud2 (+ camera images) -> labelled PointCloud2.
+
+Data flow (callbacks never block; one worker thread runs the model):
+
+    /points ─┐                 ┌─ latest-only slot ─► worker: decode, cameras, Segmenter.segment,
+    images ──┼─► CloudCameraSync┘   (older frame        build cloud, publish ~/labels_meta + output
+    infos ───┘   (approx. time,      dropped, counted)
+                 camera timeout)
+    parameter `vocabulary` ─► on-set validation ─► encoder thread (encode_vocabulary) ─► worker
+                              swaps it in between two frames, publishes ~/vocabulary, then labels.
+
+Outputs
+* `output_topic` (default `~/labelled_points`): input header, same points in the same order (and
+  the same height/width for organised clouds); fields x, y, z, [intensity], label (uint16, 65535 =
+  unlabelled), score, rgb (vocabulary colour; grey when unlabelled).
+* `~/vocabulary` (transient local): the vocabulary map, re-published on every change.
+* `~/labels_meta`: per labelled cloud `{stamp, frame_id, version, ...}` - the version of the
+  vocabulary its labels index (the cloud header stays the input's, untouched).
+* `/diagnostics`: rate, latency vs budget, drops, unsynchronised frames, cameras, vocabulary.
+
+Bad input (missing x/y/z, size mismatches, unknown encodings, zero intrinsics, ...) is logged
+(throttled), counted in /diagnostics and skipped; a broken camera only removes that camera from
+the frame. All stamps come from message headers; the node clock (sim time under bag replay) only
+times the camera timeout and the header-to-publish latency.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.time import Time
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
+
+from clip3d_core.clip import VocabularyError
+from clip3d_core.geometry import CalibrationError, PinholeCamera, load_kitti_calib
+from clip3d_ros.conversions import (
+    CloudFormatError,
+    ImageFormatError,
+    array_to_cloud,
+    camera_from_info_msg,
+    cloud_to_array,
+    find_intensity_field,
+    labelled_points,
+    msg_to_rgb,
+    points_for_model,
+    rgb_for_labels,
+    transform_to_matrix,
+)
+from clip3d_ros.diagnostics import PipelineDiagnostics
+from clip3d_ros.params import CameraParams, NodeParams, ParameterError, declare_parameters, validate_change
+from clip3d_ros.sync import CloudCameraSync, MessageFiltersSynchronizer, SyncedFrame, make_matcher
+from clip3d_ros.vocabulary_map import (
+    LABELS_META_TOPIC,
+    VOCABULARY_TOPIC,
+    labels_meta_message,
+    labels_meta_qos,
+    vocabulary_message,
+    vocabulary_qos,
+)
+
+try:  # TF is optional: static extrinsics from parameters / calibration files otherwise
+    from tf2_ros import Buffer as TfBuffer
+    from tf2_ros import TransformListener
+except ImportError:
+    TfBuffer = TransformListener = None
+
+__all__ = ["Clip3DNode", "FrameTiming", "SegmenterLike", "main"]
+
+NODE_NAME = "clip3d"
+LOG_THROTTLE_S = 5.0
+SYNC_POLL_PERIOD_S = 0.02
+
+
+class SegmenterLike(Protocol):
+    """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests)."""
+
+    def encode_vocabulary(self, names: list[str]) -> tuple[Any, Any]: ...
+
+    def swap_vocabulary(self, vocabulary: Any, text: Any) -> bool: ...
+
+    def segment(
+        self,
+        points: np.ndarray,
+        images: Any = None,
+        cameras: Any = None,
+        *,
+        score_threshold: float | None = None,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FrameTiming:
+    """Where one frame's time went (ms). `wait` = cloud arrival -> worker start (sync + queue)."""
+
+    stamp_ns: int
+    receipt_ns: int  # node clock when the cloud arrived
+    num_points: int
+    cameras_used: int
+    wait_ms: float
+    convert_in_ms: float
+    model_ms: float
+    convert_out_ms: float
+    publish_ms: float
+    total_ms: float  # worker start -> published
+    header_to_publish_ms: float
+
+
+@dataclass
+class _Camera:
+    params: CameraParams
+    info: CameraInfo | None = None
+    kitti: dict[tuple[int, int], PinholeCamera] | None = None  # calibration file per image size
+    cached: tuple[Any, PinholeCamera] | None = None  # (key, camera) of the last CameraInfo model
+
+
+def _stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+class Clip3DNode(Node):
+    """Open-vocabulary LiDAR segmentation node (see the module docstring).
+
+    `segmenter`: anything with the `SegmenterLike` methods; by default the `checkpoint` parameter
+    is loaded with `Segmenter.from_checkpoint`."""
+
+    def __init__(self, segmenter: SegmenterLike | None = None, **node_kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **node_kwargs)
+        self.params: NodeParams = declare_parameters(self)
+        p = self.params
+        self._segmenter = segmenter if segmenter is not None else self._load_segmenter(p)
+        self._score_threshold = p.score_threshold
+        self._skip_without_subscribers = p.skip_without_subscribers
+        self._max_points = p.max_points
+        self._last_log: dict[str, float] = {}
+        self.timings: deque[FrameTiming] = deque(maxlen=1000)
+
+        self.diagnostics = PipelineDiagnostics([c.name for c in p.cameras], p.budget_ms)
+        self._sync = CloudCameraSync(
+            len(p.cameras),
+            queue_size=p.sync_queue_size,
+            slop=p.sync_slop,
+            camera_timeout=p.camera_timeout,
+            jump_threshold=p.clock_jump_threshold,
+            matcher=make_matcher(len(p.cameras) + 1, p.sync_queue_size, p.sync_slop) if p.cameras else None,
+        )
+        self._sync_resets = 0
+        self._cameras = [_Camera(c) for c in p.cameras]
+        self._tf_buffer = None
+        if p.use_tf and p.cameras and TfBuffer is not None:
+            self._tf_buffer = TfBuffer()
+            self._tf_listener = TransformListener(self._tf_buffer, self)
+
+        self._cloud_pub = self.create_publisher(PointCloud2, p.output_topic, p.qos_output.profile())
+        self._meta_pub = self.create_publisher(String, LABELS_META_TOPIC, labels_meta_qos())
+        self._vocab_pub = self.create_publisher(String, VOCABULARY_TOPIC, vocabulary_qos())
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+        # Worker / encoder hand-over state (guarded by the two conditions).
+        self._stop = False
+        self._work = threading.Condition()
+        self._pending_frame: SyncedFrame | None = None
+        self._pending_swap: tuple[Any, Any] | None = None
+        self._encode = threading.Condition()
+        self._vocab_request: list[str] | None = None
+        self.active_vocabulary: Any = None
+        self._install_vocabulary(*self._encode_or_fail(p.vocabulary))
+
+        self.create_subscription(
+            PointCloud2, p.cloud_topic, self._guarded("cloud", self._on_cloud), p.qos_cloud.profile()
+        )
+        for i, cam in enumerate(p.cameras):
+            img_type = CompressedImage if cam.transport == "compressed" else Image
+            self.create_subscription(
+                img_type,
+                cam.image_topic,
+                self._guarded(cam.name, self._image_callback(i)),
+                p.qos_image.profile(),
+            )
+            self.create_subscription(
+                CameraInfo, cam.info_topic, self._info_callback(i), p.qos_image.profile()
+            )
+        if p.cameras:
+            self.create_timer(SYNC_POLL_PERIOD_S, self._guarded("sync", self._poll_sync))
+        self.create_timer(p.diagnostics_period, self._guarded("diagnostics", self._publish_diagnostics))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._on_parameters_set)
+
+        self._worker = threading.Thread(target=self._work_loop, name="clip3d-worker", daemon=True)
+        self._encoder = threading.Thread(target=self._encode_loop, name="clip3d-vocabulary", daemon=True)
+        self._worker.start()
+        self._encoder.start()
+        extras = [
+            name
+            for name, on in (
+                ("TF extrinsics", self._tf_buffer is not None),
+                ("message_filters sync", isinstance(self._sync.matcher, MessageFiltersSynchronizer)),
+            )
+            if on
+        ]
+        self.get_logger().info(
+            f"labelling {p.cloud_topic} -> {self._cloud_pub.topic_name} with {len(self.active_vocabulary)} "
+            f"classes, cameras {[c.name for c in p.cameras] or 'none'}{''.join(', ' + e for e in extras)}"
+        )
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _load_segmenter(p: NodeParams) -> SegmenterLike:
+        if not p.checkpoint:
+            raise ParameterError("parameter 'checkpoint' is empty: set it to a clip3d checkpoint (.pt)")
+        from clip3d_core.segmenter import Segmenter
+
+        return Segmenter.from_checkpoint(
+            p.checkpoint, device=p.device, embedding_bank=p.embedding_bank or None
+        )
+
+    def _encode_or_fail(self, names: list[str]) -> tuple[Any, Any]:
+        try:
+            return self._segmenter.encode_vocabulary(list(names))
+        except VocabularyError as exc:
+            raise ParameterError(f"initial vocabulary unusable: {exc}") from exc
+
+    def destroy_node(self) -> None:
+        with self._work:
+            self._stop = True
+            self._work.notify_all()
+        with self._encode:
+            self._encode.notify_all()
+        for t in (self._worker, self._encoder):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=10.0)
+        super().destroy_node()
+
+    # ------------------------------------------------------------------ helpers
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _throttled(self, key: str, text: str, level: str = "error") -> None:
+        """Log `text` at most every LOG_THROTTLE_S per `key` (error or warning)."""
+        now = time.monotonic()
+        if now - self._last_log.get(key, -np.inf) < LOG_THROTTLE_S:
+            return
+        self._last_log[key] = now
+        # One call site per severity: rclpy refuses a severity change at the same call site.
+        if level == "error":
+            self.get_logger().error(text)
+        else:
+            self.get_logger().warning(text)
+
+    def _bad_input(self, kind: str, reason: str) -> None:
+        self.diagnostics.on_bad_input(kind, reason)
+        self._throttled(f"bad-{kind}", f"skipping bad {kind}: {reason}")
+
+    def _guarded(self, what: str, fn: Callable[..., None]) -> Callable[..., None]:
+        """An executor callback that reports instead of raising: an exception escaping a callback
+        would end `spin()` and with it the node."""
+
+        def callback(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                self.diagnostics.on_error(f"{what}: {type(exc).__name__}: {exc}")
+                self._throttled(f"callback-{what}", f"{what} callback failed: {type(exc).__name__}: {exc}")
+
+        return callback
+
+    # ------------------------------------------------------------------ callbacks (executor thread)
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        stamp = _stamp_ns(msg.header.stamp)
+        self.diagnostics.on_cloud(stamp)
+        if self._skip_without_subscribers and self._cloud_pub.get_subscription_count() == 0:
+            self.diagnostics.on_skipped()
+            return
+        self._dispatch(self._sync.add_cloud(msg, stamp, self._now_ns()))
+
+    def _image_callback(self, camera: int) -> Any:
+        def on_image(msg: Image | CompressedImage) -> None:
+            stamp = _stamp_ns(msg.header.stamp)
+            self.diagnostics.on_image(camera, stamp)
+            self._dispatch(self._sync.add_image(camera, msg, stamp, self._now_ns()))
+
+        return on_image
+
+    def _info_callback(self, camera: int) -> Any:
+        def on_info(msg: CameraInfo) -> None:
+            self._cameras[camera].info = msg
+
+        return on_info
+
+    def _poll_sync(self) -> None:
+        self._dispatch(self._sync.poll(self._now_ns()))
+
+    def _dispatch(self, frames: list[SyncedFrame]) -> None:
+        if self._sync.resets != self._sync_resets:
+            self._sync_resets = self._sync.resets
+            self.diagnostics.on_sync_reset()
+            self.get_logger().warning("header stamps jumped backwards (looped bag?): synchroniser reset")
+        if not frames:
+            return
+        with self._work:
+            dropped = len(frames) - 1 + (self._pending_frame is not None)
+            self._pending_frame = frames[-1]
+            self._work.notify_all()
+        if dropped:
+            self.diagnostics.on_dropped(dropped)
+
+    def _publish_diagnostics(self) -> None:
+        self._diag_pub.publish(self.diagnostics.message(self.get_clock().now().to_msg(), NODE_NAME))
+
+    # ------------------------------------------------------------------ parameters
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        reason = validate_change(params)
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _on_parameters_set(self, params: list[Parameter]) -> None:
+        for p in params:
+            if p.name == "vocabulary":
+                with self._encode:
+                    self._vocab_request = list(p.value)
+                    self._encode.notify_all()
+            elif p.name == "score_threshold":
+                self._score_threshold = float(p.value)
+            elif p.name == "budget_ms":
+                self.diagnostics.budget_ms = float(p.value)
+            elif p.name == "max_points":
+                self._max_points = int(p.value)
+            elif p.name == "skip_without_subscribers":
+                self._skip_without_subscribers = bool(p.value)
+            elif p.name == "sync.slop":
+                self._sync.slop = float(p.value)
+            elif p.name == "sync.camera_timeout":
+                self._sync.camera_timeout = float(p.value)
+
+    # ------------------------------------------------------------------ vocabulary (encoder thread)
+    def _encode_loop(self) -> None:
+        while True:
+            with self._encode:
+                while self._vocab_request is None and not self._stop:
+                    self._encode.wait()
+                if self._stop:
+                    return
+                names, self._vocab_request = self._vocab_request, None
+            try:
+                encoded = self._segmenter.encode_vocabulary(names)
+            except Exception as exc:  # the old vocabulary stays active; say why
+                self.diagnostics.on_vocabulary_failure(str(exc))
+                self.get_logger().error(f"vocabulary update failed, keeping the current one: {exc}")
+                continue
+            with self._work:
+                self._pending_swap = encoded  # a newer encoding supersedes one not yet installed
+                self._work.notify_all()
+
+    def _install_vocabulary(self, vocab: Any, text: Any) -> None:
+        if self._segmenter.swap_vocabulary(vocab, text) is False:
+            return  # an older encoding than the one installed
+        self.active_vocabulary = vocab
+        self._vocab_pub.publish(vocabulary_message(vocab))
+        self.diagnostics.on_vocabulary(vocab.version, vocab.names)
+        self.get_logger().info(f"vocabulary v{vocab.version}: {len(vocab)} classes")
+
+    # ------------------------------------------------------------------ worker thread
+    def _work_loop(self) -> None:
+        while True:
+            with self._work:
+                while self._pending_frame is None and self._pending_swap is None and not self._stop:
+                    self._work.wait()
+                if self._stop:
+                    return
+                swap, self._pending_swap = self._pending_swap, None
+                frame, self._pending_frame = self._pending_frame, None
+            if swap is not None:  # between frames: no frame sees two vocabularies
+                try:
+                    self._install_vocabulary(*swap)
+                except Exception as exc:  # e.g. text embeddings of the wrong shape: keep the old one
+                    if not self.context.ok():
+                        return
+                    self.diagnostics.on_vocabulary_failure(f"{type(exc).__name__}: {exc}")
+                    self._throttled("swap", f"vocabulary swap failed, keeping the current one: {exc}")
+            if frame is not None:
+                try:
+                    self._process(frame)
+                except Exception as exc:  # never let one frame take the node down
+                    if not self.context.ok():  # shutting down (Ctrl-C): the publishers are gone
+                        return
+                    self.diagnostics.on_error(f"{type(exc).__name__}: {exc}")
+                    self._throttled("process", f"frame failed: {type(exc).__name__}: {exc}")
+
+    def _process(self, frame: SyncedFrame) -> None:
+        start_ns = self._now_ns()
+        t0 = time.perf_counter()
+        msg: PointCloud2 = frame.cloud
+        try:
+            cloud = cloud_to_array(msg)
+            if len(cloud) > self._max_points:
+                raise CloudFormatError(f"{len(cloud)} points exceed max_points {self._max_points}")
+            intensity_field = find_intensity_field(cloud, self.params.intensity_field)
+            points = points_for_model(cloud, intensity_field)
+        except CloudFormatError as exc:
+            self._bad_input("cloud", str(exc))
+            return
+        if len(points) == 0:  # answered with an empty labelled cloud, so consumers stay in step
+            self.diagnostics.on_bad_input("empty_cloud", "cloud has no points")
+            self._throttled("empty", "empty cloud: publishing an empty labelled cloud", "warning")
+        images, cameras, used = self._frame_cameras(frame, msg)
+        t1 = time.perf_counter()
+
+        if len(points):
+            result = self._segmenter.segment(
+                points, images or None, cameras or None, score_threshold=self._score_threshold or None
+            )
+            labels, scores, vocab = result.labels, result.scores, result.vocabulary
+            if len(labels) != len(points) or len(scores) != len(points):
+                raise RuntimeError(f"segmenter returned {len(labels)} labels for {len(points)} points")
+        else:
+            labels, scores = np.zeros(0, np.uint16), np.zeros(0, np.float32)
+            vocab = self.active_vocabulary
+        t2 = time.perf_counter()
+
+        rgb = rgb_for_labels(labels, vocab.colours)  # UNLABELLED (and junk labels) -> grey
+        intensity = points[:, 3] if intensity_field is not None else None
+        out = labelled_points(points[:, :3], intensity, labels, scores, rgb)
+        out_msg = array_to_cloud(out, msg.header, height=max(int(msg.height), 1) if len(out) else 1)
+        names = [c.name for c in self.params.cameras]
+        meta = labels_meta_message(
+            msg.header.stamp,
+            msg.header.frame_id,
+            vocab.version,
+            len(out),
+            [names[i] for i in used],
+            [n for i, n in enumerate(names) if i not in used],
+        )
+        t3 = time.perf_counter()
+        self._meta_pub.publish(meta)  # first, so a consumer holding the cloud can already look it up
+        self._cloud_pub.publish(out_msg)
+        t4 = time.perf_counter()
+
+        end_ns = self._now_ns()
+        timing = FrameTiming(
+            stamp_ns=frame.stamp_ns,
+            receipt_ns=frame.receipt_ns,
+            num_points=len(out),
+            cameras_used=len(used),
+            wait_ms=(start_ns - frame.receipt_ns) / 1e6,
+            convert_in_ms=(t1 - t0) * 1e3,
+            model_ms=(t2 - t1) * 1e3,
+            convert_out_ms=(t3 - t2) * 1e3,
+            publish_ms=(t4 - t3) * 1e3,
+            total_ms=(t4 - t0) * 1e3,
+            header_to_publish_ms=(end_ns - frame.stamp_ns) / 1e6,
+        )
+        self.timings.append(timing)
+        missing = [i for i in range(len(names)) if i not in used]
+        self.diagnostics.on_frame(
+            frame.stamp_ns, timing.total_ms, timing.model_ms, timing.header_to_publish_ms, used, missing
+        )
+        if missing:
+            self._throttled(
+                "missing-cameras",
+                f"labelled without camera(s) {[names[i] for i in missing]} (missing, late or unusable)",
+                "warning",
+            )
+
+    # ------------------------------------------------------------------ cameras (worker thread)
+    def _frame_cameras(
+        self, frame: SyncedFrame, cloud: PointCloud2
+    ) -> tuple[list[np.ndarray], list[PinholeCamera], dict[int, int]]:
+        """Decoded images and their cameras for the frame; `used`: camera index -> image stamp."""
+        images, cameras, used = [], [], {}
+        for i, image in enumerate(frame.images):
+            if image is None:
+                continue
+            try:
+                rgb = msg_to_rgb(image)
+                camera = self._camera_model(i, image, rgb.shape[:2], cloud)
+            except (ImageFormatError, CalibrationError) as exc:
+                self.diagnostics.on_camera_error(i, str(exc))
+                self._throttled(f"camera-{i}", f"camera {self._cameras[i].params.name}: {exc}")
+                continue
+            images.append(rgb)
+            cameras.append(camera)
+            used[i] = _stamp_ns(image.header.stamp)
+        return images, cameras, used
+
+    def _camera_model(self, i: int, image: Any, hw: tuple[int, int], cloud: PointCloud2) -> PinholeCamera:
+        """Intrinsics from the latest CameraInfo (else the calibration file), extrinsics from TF, else
+        the `T_cam_lidar` parameter, else the calibration file; scaled to the decoded image size."""
+        cam = self._cameras[i]
+        p = cam.params
+        info = cam.info
+        T = self._tf_extrinsics(cam, image, cloud)
+        if T is None:
+            T = p.T_cam_lidar
+        if info is not None:
+            if T is None:
+                if not p.calibration_file:
+                    raise CalibrationError(
+                        f"no extrinsics: no TF, no cameras.{p.name}.T_cam_lidar and no calibration_file"
+                    )
+                T = self._kitti_camera(cam, (int(info.height), int(info.width))).T_cam_lidar
+            key = (
+                tuple(info.k),
+                tuple(info.d),
+                tuple(info.p),
+                tuple(info.r),
+                info.width,
+                info.height,
+                info.distortion_model,
+                T.tobytes(),
+            )  # by content: drivers send a new (identical) CameraInfo with every image
+            if cam.cached is None or cam.cached[0] != key:
+                cam.cached = (key, camera_from_info_msg(info, T, p.name, rectified=p.rectified))
+            model = cam.cached[1]
+        elif p.calibration_file:
+            model = self._kitti_camera(cam, hw)
+            if T is not None:
+                model = model.with_extrinsics(T).validate()
+        else:
+            raise CalibrationError(f"no CameraInfo received on {p.info_topic} and no calibration_file")
+        if (model.height, model.width) != tuple(hw):
+            model = model.scaled(hw[1] / model.width, hw[0] / model.height)
+        return model
+
+    def _kitti_camera(self, cam: _Camera, hw: tuple[int, int]) -> PinholeCamera:
+        cam.kitti = cam.kitti or {}
+        if hw not in cam.kitti:
+            cam.kitti[hw] = load_kitti_calib(
+                cam.params.calibration_file, hw, cam.params.kitti_camera, cam.params.name
+            )
+        return cam.kitti[hw]
+
+    def _tf_extrinsics(self, cam: _Camera, image: Any, cloud: PointCloud2) -> np.ndarray | None:
+        if self._tf_buffer is None:
+            return None
+        info = cam.info
+        camera_frame = (
+            cam.params.frame_id or (info.header.frame_id if info is not None else "") or image.header.frame_id
+        )
+        lidar_frame = self.params.lidar_frame or cloud.header.frame_id
+        try:
+            tf = self._tf_buffer.lookup_transform(
+                camera_frame, lidar_frame, Time.from_msg(cloud.header.stamp)
+            )
+        except Exception as exc:  # tf2 raises several unrelated types; fall back to static extrinsics
+            self._throttled(f"tf-{cam.params.name}", f"TF {lidar_frame} -> {camera_frame}: {exc}", "warning")
+            return None
+        return transform_to_matrix(tf.transform)
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = Clip3DNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, FileNotFoundError) as exc:  # bad configuration / checkpoint: say why, exit 1
+        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

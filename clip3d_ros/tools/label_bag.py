@@ -1,0 +1,380 @@
+"""Label a bag's LiDAR clouds offline into a new bag (rosbags only: no ROS runtime needed).
+
+Writes what the node publishes, under the node's topic names by default:
+  /clip3d/labelled_points  PointCloud2  x, y, z, [intensity], label (uint16), score, rgb; input header,
+                           input point order and count
+  /clip3d/vocabulary       std_msgs/String JSON vocabulary map (transient local)
+  /clip3d/labels_meta      std_msgs/String JSON per cloud: stamp, vocabulary version, cameras used
+Cameras (`--camera IMAGE_TOPIC INFO_TOPIC`, repeatable) are matched to each cloud by nearest header
+stamp within `--slop`; their LiDAR->camera extrinsics come from the bag's /tf_static. Images are
+used by fusion models only. `--copy` / `--copy-all` carry input topics over unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from rosbags.interfaces import Connection
+from rosbags.rosbag2 import Reader
+from tqdm import tqdm
+
+from clip3d_core.clip.vocabulary import Vocabulary, VocabularyError
+from clip3d_core.geometry import CalibrationError, PinholeCamera
+from clip3d_core.io import ImageFormatError
+from clip3d_ros import bag, conversions
+from clip3d_ros.vocabulary_map import labels_meta_payload
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TOPIC = "/clip3d/labelled_points"
+VOCABULARY_TOPIC = "/clip3d/vocabulary"
+LABELS_META_TOPIC = "/clip3d/labels_meta"
+
+
+@dataclass
+class CameraSource:
+    """One camera in the input bag: its image and CameraInfo topics."""
+
+    image_topic: str
+    info_topic: str
+
+    @property
+    def name(self) -> str:
+        """The info topic's namespace: /camera/front/camera_info -> front."""
+        return PurePosixPath(self.info_topic).parent.name or self.info_topic
+
+
+@dataclass
+class LabelOptions:
+    cloud_topic: str = "/lidar/points"
+    cameras: Sequence[CameraSource] = ()
+    output_topic: str = OUTPUT_TOPIC
+    vocabulary_topic: str = VOCABULARY_TOPIC
+    labels_meta_topic: str = LABELS_META_TOPIC
+    intensity_field: str = ""
+    lidar_frame: str = ""  # "" = the cloud's header frame_id
+    slop: float = 0.05  # seconds between a cloud and an image that still match
+    copy_topics: Sequence[str] = ()
+    copy_all: bool = False
+    storage: str | None = None  # None = the input bag's
+    max_frames: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class LabelStats:
+    clouds: int = 0
+    labelled: int = 0
+    failed: int = 0
+    copied: Counter[str] = field(default_factory=Counter)
+    label_counts: Counter[str] = field(default_factory=Counter)
+    cameras_used: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _StampIndex:
+    """Header stamps -> bag timestamps of one topic, for nearest-stamp lookups."""
+
+    stamps: list[int]
+    bag_times: list[int]
+
+    def nearest(self, stamp: int, slop_ns: int) -> int | None:
+        i = bisect.bisect_left(self.stamps, stamp)
+        best = min(
+            (j for j in (i - 1, i) if 0 <= j < len(self.stamps)),
+            key=lambda j: abs(self.stamps[j] - stamp),
+            default=None,
+        )
+        if best is None or abs(self.stamps[best] - stamp) > slop_ns:
+            return None
+        return self.bag_times[best]
+
+
+def _index(reader: Reader, conn: Connection) -> _StampIndex:
+    pairs = sorted((bag.peek_stamp_ns(raw), ts) for _, ts, raw in reader.messages([conn]))
+    return _StampIndex([s for s, _ in pairs], [t for _, t in pairs])
+
+
+@dataclass
+class _CameraStream:
+    """One camera's topics in the input bag with their stamp indexes."""
+
+    source: CameraSource
+    image: Connection
+    images: _StampIndex
+    info: Connection
+    infos: _StampIndex
+
+
+def output_colours(labels: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
+    """uint8 [N, 3] per-point class colours as the node colours them (unlabelled: grey)."""
+    palette = np.vstack([vocabulary.colours, np.array([conversions.UNLABELLED_RGB], np.uint8)])
+    return palette[np.minimum(labels.astype(np.int64), len(vocabulary))]
+
+
+class BagLabeller:
+    """Labels one input bag into one output bag with a `Segmenter`."""
+
+    def __init__(self, segmenter: Any, options: LabelOptions) -> None:
+        if segmenter.vocabulary is None:
+            raise VocabularyError("the segmenter has no vocabulary: pass --vocabulary")
+        self.segmenter = segmenter
+        self.options = options
+
+    def run(self, in_path: str | Path, out_path: str | Path) -> LabelStats:
+        opts = self.options
+        stats = LabelStats()
+        reader = bag.open_reader(in_path)
+        try:
+            cloud_conn = bag.require_topic(reader, opts.cloud_topic, [bag.T_CLOUD])
+            cams = [self._camera_stream(reader, c) for c in opts.cameras]
+            tf = bag.read_static_transforms(reader)
+            copy = (
+                [c for c in reader.connections if c.topic != opts.cloud_topic]
+                if opts.copy_all
+                else (bag.connections_for(reader, opts.copy_topics) if opts.copy_topics else [])
+            )
+            storage = opts.storage or bag.storage_of(in_path)
+            vocab = self.segmenter.vocabulary
+            with bag.BagWriter(out_path, storage) as writer:
+                writer.add_topic(opts.output_topic, bag.T_CLOUD)
+                writer.add_topic(opts.vocabulary_topic, bag.T_STRING, bag.QOS_LATCHED)
+                writer.add_topic(opts.labels_meta_topic, bag.T_STRING)
+                for conn in copy:
+                    writer.add_connection_like(conn)
+                copy_ids = {c.id for c in copy}
+                total = (
+                    cloud_conn.msgcount
+                    if opts.max_frames is None
+                    else min(cloud_conn.msgcount, opts.max_frames)
+                )
+                bar = tqdm(
+                    total=total,
+                    desc=f"label-bag {Path(out_path).name}",
+                    unit="cloud",
+                    disable=not opts.progress,
+                )
+                for conn, ts, raw in reader.messages([cloud_conn, *copy]):
+                    if conn.id in copy_ids:
+                        writer.write_raw(conn.topic, ts, raw)
+                        stats.copied[conn.topic] += 1
+                        continue
+                    if opts.max_frames is not None and stats.clouds >= opts.max_frames:
+                        if not copy:
+                            break
+                        continue
+                    if stats.clouds == 0:
+                        writer.write(
+                            opts.vocabulary_topic,
+                            ts,
+                            bag.msg_class(bag.T_STRING)(
+                                data=json.dumps(vocab.as_dict(), separators=(",", ":"))
+                            ),
+                        )
+                    stats.clouds += 1
+                    bar.update()
+                    try:
+                        cloud, meta = self._label(reader, bag.deserialize(raw, bag.T_CLOUD), cams, tf, stats)
+                    except ValueError as exc:  # every bad-input error in clip3d is a ValueError
+                        stats.failed += 1
+                        log.warning("cloud at %d ns not labelled: %s", ts, exc)
+                        continue
+                    writer.write(opts.labels_meta_topic, ts, meta)
+                    writer.write(opts.output_topic, ts, cloud)
+                    stats.labelled += 1
+                bar.close()
+        finally:
+            reader.close()
+        log.info(
+            "labelled %d/%d clouds into %s (%d failed); copied %s",
+            stats.labelled,
+            stats.clouds,
+            out_path,
+            stats.failed,
+            dict(stats.copied),
+        )
+        return stats
+
+    # ------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _camera_stream(reader: Reader, cam: CameraSource) -> _CameraStream:
+        image = bag.require_topic(reader, cam.image_topic, [bag.T_IMAGE, bag.T_COMPRESSED])
+        info = bag.require_topic(reader, cam.info_topic, [bag.T_CAMERA_INFO])
+        return _CameraStream(cam, image, _index(reader, image), info, _index(reader, info))
+
+    @staticmethod
+    def _fetch(reader: Reader, conn: Connection, bag_time: int) -> Any:
+        for _, _, raw in reader.messages([conn], start=bag_time, stop=bag_time + 1):
+            return bag.deserialize(raw, conn.msgtype)
+        raise bag.BagError(f"{conn.topic}: no message at {bag_time} ns")
+
+    def _images(
+        self,
+        reader: Reader,
+        stamp: int,
+        lidar_frame: str,
+        cams: Sequence[_CameraStream],
+        tf: bag.StaticTransforms,
+    ) -> tuple[list[np.ndarray], list[PinholeCamera], list[str], list[str]]:
+        """Images within `slop` of the cloud stamp with their cameras; names used and missing."""
+        images, cameras, used, missing = [], [], [], []
+        slop_ns = round(self.options.slop * 1e9)
+        for stream in cams:
+            cam = stream.source
+            image_t, info_t = stream.images.nearest(stamp, slop_ns), stream.infos.nearest(stamp, slop_ns)
+            if image_t is None or info_t is None:
+                missing.append(cam.name)
+                continue
+            try:
+                info = self._fetch(reader, stream.info, info_t)
+                T_cam_lidar = tf.lookup(info.header.frame_id, lidar_frame)
+                camera = conversions.camera_from_info_msg(info, T_cam_lidar, cam.name)
+                rgb = conversions.msg_to_rgb(self._fetch(reader, stream.image, image_t))
+            except (bag.BagError, CalibrationError, ImageFormatError) as exc:
+                log.warning("camera %s skipped for the cloud at %d ns: %s", cam.name, stamp, exc)
+                missing.append(cam.name)
+                continue
+            if rgb.shape[:2] != camera.image_hw:  # CameraInfo calibrated at another resolution
+                camera = camera.scaled(rgb.shape[1] / camera.width, rgb.shape[0] / camera.height)
+            images.append(rgb)
+            cameras.append(camera)
+            used.append(cam.name)
+        return images, cameras, used, missing
+
+    def _label(
+        self,
+        reader: Reader,
+        msg: Any,
+        cams: Sequence[_CameraStream],
+        tf: bag.StaticTransforms,
+        stats: LabelStats,
+    ) -> tuple[Any, Any]:
+        """One cloud -> (labelled cloud, labels_meta String), both rosbags messages."""
+        records = conversions.cloud_to_array(msg)
+        intensity_field = conversions.find_intensity_field(records, self.options.intensity_field)
+        points = conversions.points_for_model(records, intensity_field)
+        stamp = bag.stamp_ns(msg.header)
+        lidar_frame = self.options.lidar_frame or msg.header.frame_id
+        images, cameras, used, missing = self._images(reader, stamp, lidar_frame, cams, tf)
+        result = self.segmenter.segment(points, images or None, cameras or None)
+        vocab = result.vocabulary
+        out = conversions.labelled_points(
+            points[:, :3],
+            points[:, 3] if intensity_field else None,
+            result.labels,
+            result.scores,
+            output_colours(result.labels, vocab),
+        )
+        stats.label_counts.update(result.class_counts())
+        stats.cameras_used.update(used)
+        meta = labels_meta_payload(
+            msg.header.stamp, msg.header.frame_id, vocab.version, len(out), used, missing
+        )
+        return (
+            bag.cloud_msg(out, msg.header),
+            bag.msg_class(bag.T_STRING)(data=json.dumps(meta, separators=(",", ":"))),
+        )
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="input rosbag2 folder (sqlite3 or MCAP)")
+    parser.add_argument("output", help="new rosbag2 folder for the labelled bag (must not exist)")
+    parser.add_argument("--checkpoint", required=True, help="clip3d checkpoint (.pt)")
+    parser.add_argument(
+        "--vocabulary",
+        nargs="+",
+        default=None,
+        help="class entries, synonyms joined by '|' (default: the checkpoint's)",
+    )
+    parser.add_argument("--embedding-bank", default=None, help="precomputed text embedding bank (.pt)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--score-threshold", type=float, default=None)
+    parser.add_argument("--cloud-topic", default="/lidar/points")
+    parser.add_argument(
+        "--camera",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMAGE_TOPIC", "INFO_TOPIC"),
+        help="a camera's image (Image or CompressedImage) and CameraInfo topics; repeatable",
+    )
+    parser.add_argument(
+        "--intensity-field", default="", help="'' = first of intensity, i, remission, reflectance"
+    )
+    parser.add_argument("--lidar-frame", default="", help="LiDAR TF frame ('' = the cloud's header frame_id)")
+    parser.add_argument("--slop", type=float, default=0.05, help="max cloud/image stamp difference (s)")
+    parser.add_argument("--output-topic", default=OUTPUT_TOPIC)
+    parser.add_argument("--vocabulary-topic", default=VOCABULARY_TOPIC)
+    parser.add_argument("--labels-meta-topic", default=LABELS_META_TOPIC)
+    parser.add_argument(
+        "--copy", nargs="+", default=[], metavar="TOPIC", help="input topics to copy unchanged"
+    )
+    parser.add_argument("--copy-all", action="store_true", help="copy every input topic but the cloud")
+    parser.add_argument("--storage", choices=sorted(bag.STORAGES), default=None, help="default: the input's")
+    parser.add_argument("--max-frames", type=int, default=None, help="label only the first N clouds")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 is fastest on a busy small CPU)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clip3d_core.checkpoint import CheckpointError
+    from clip3d_core.segmenter import Segmenter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = LabelOptions(
+        cloud_topic=args.cloud_topic,
+        cameras=[CameraSource(i, c) for i, c in args.camera],
+        output_topic=args.output_topic,
+        vocabulary_topic=args.vocabulary_topic,
+        labels_meta_topic=args.labels_meta_topic,
+        intensity_field=args.intensity_field,
+        lidar_frame=args.lidar_frame,
+        slop=args.slop,
+        copy_topics=args.copy,
+        copy_all=args.copy_all,
+        storage=args.storage,
+        max_frames=args.max_frames,
+    )
+    try:
+        segmenter = Segmenter.from_checkpoint(
+            args.checkpoint,
+            args.device,
+            embedding_bank=args.embedding_bank,
+            vocabulary=args.vocabulary,
+            score_threshold=args.score_threshold,
+        )
+        stats = BagLabeller(segmenter, options).run(args.input, args.output)
+    except (bag.BagError, CheckpointError, VocabularyError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(
+        json.dumps(
+            {
+                "clouds": stats.clouds,
+                "labelled": stats.labelled,
+                "failed": stats.failed,
+                "label_counts": dict(stats.label_counts),
+                "cameras_used": dict(stats.cameras_used),
+                "copied": dict(stats.copied),
+            },
+            indent=2,
+        )
+    )
+    return 0 if stats.failed == 0 else 1
