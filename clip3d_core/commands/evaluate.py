@@ -1,0 +1,67 @@
+"""evaluate a checkpoint (mIoU / seen / unseen / hIoU) on a config's held-out frames
+
+Writes <out>/eval.json, <out>/eval.md (per-class table + summary) and <out>/confusion.png.
+Example:
+  clip3d evaluate --checkpoint runs/tiny/final.pt --config training/synthetic_tiny.yaml --out runs/tiny/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="clip3d checkpoint (.pt)")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="training YAML whose data section names the evaluation frames and split")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint dir>/eval_<name>)")
+    parser.add_argument("--frames", choices=["val", "train"], default="val", help="which frames to score")
+    parser.add_argument("--max-frames", type=int, help="score at most this many frames")
+    parser.add_argument("--visible-only", action="store_true", help="score only points a camera sees")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from clip3d_core.checkpoint import CheckpointError
+    from clip3d_core.clip import ClipLoadError, VocabularyError
+    from clip3d_core.config import ConfigError
+    from clip3d_core.data import DatasetError, SplitError
+    from clip3d_core.training import load_train_config
+    from clip3d_core.training.distributed import resolve_device
+    from clip3d_core.training.validation import evaluate, load_for_evaluation, model_predictor
+    from clip3d_core.viz import confusion_png
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        device = resolve_device(args.device)
+        model, text, split, train_set, val_set = load_for_evaluation(args.checkpoint, cfg, device)
+    except (ConfigError, ClipLoadError, CheckpointError, DatasetError, SplitError, VocabularyError) as exc:
+        log.error("%s", exc)
+        return 2
+    frames = val_set if args.frames == "val" else train_set
+    if args.max_frames is not None:
+        frames = Subset(frames, range(min(args.max_frames, len(frames))))
+    predictor = model_predictor(model, text, device)
+    report = evaluate({"model": predictor}, frames, split.classes, split.unseen_ids,
+                      visible_only=args.visible_only, progress=True)["model"]
+    out = args.out or args.checkpoint.parent / f"eval_{args.checkpoint.stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(args.checkpoint), "config": str(args.config), "frames": args.frames,
+              "num_frames": len(frames), "visible_only": args.visible_only, "split": split.to_dict(),
+              **report.to_dict()}
+    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    title = f"{args.checkpoint.name} on {len(frames)} {args.frames} frames"
+    (out / "eval.md").write_text(f"# {title}\n\n{report.to_markdown()}")
+    confusion_png(out / "confusion.png", report.confusion, split.classes, title=title)
+    print(report.to_markdown())
+    print(f"written to {out}")
+    return 0

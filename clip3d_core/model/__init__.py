@@ -1,0 +1,18 @@
+"""The 3D network: sparse U-Net backbone, CLIP-space head, cosine classifier, 2D-3D fusion."""
+
+from clip3d_core.model.config import BackboneConfig, ModelConfig
+from clip3d_core.model.fusion import GatedFusion
+from clip3d_core.model.head import CosineClassifier, ProjectionHead
+from clip3d_core.model.network import Clip3DNet, PointOutput
+from clip3d_core.model.unet import SparseUNet
+
+__all__ = [
+    "BackboneConfig",
+    "Clip3DNet",
+    "CosineClassifier",
+    "GatedFusion",
+    "ModelConfig",
+    "PointOutput",
+    "ProjectionHead",
+    "SparseUNet",
+]

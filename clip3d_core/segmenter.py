@@ -1,0 +1,388 @@
+"""The one inference API: a point cloud (+ optional camera images) -> a label and score per point.
+
+Used by the ROS node, `clip3d segment`, `clip3d bench` and offline bag labelling::
+
+    seg = Segmenter.from_checkpoint("model.pt", vocabulary=["car", "road", "person|pedestrian"])
+    result = seg.segment(points)             # points: float [N, >=3] (x, y, z, intensity, ...)
+    result.labels, result.scores             # uint16 [N] (65535 = unlabelled), float32 [N]
+
+Guarantees: exactly one output per input point, in input order; non-finite or out-of-range points
+are unlabelled (65535) with score 0 and ``valid`` False. ``scores`` are the softmax probability of
+the chosen class over the current vocabulary at the model's temperature (so they depend on the
+vocabulary: a one-class vocabulary always scores 1).
+
+The text side is swappable while frames are processed: `encode_vocabulary` (slow, any thread, no
+state change) then `swap_vocabulary` (instant, under a lock); each `segment` call reads one
+consistent (vocabulary, text embeddings) pair at its start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clip3d_core.checkpoint import load_checkpoint
+from clip3d_core.clip import (
+    UNLABELLED,
+    ClipConfig,
+    ClipIdentity,
+    EmbeddingBank,
+    TextEncoder,
+    Vocabulary,
+    VocabularyError,
+    load_clip,
+)
+from clip3d_core.clip.dense import DenseClipEncoder
+from clip3d_core.geometry import PinholeCamera, project_points
+from clip3d_core.model import Clip3DNet, PointOutput
+
+log = logging.getLogger(__name__)
+
+VocabularyLike = Vocabulary | Sequence[str]
+
+
+class SegmenterInputError(ValueError):
+    """Points, images or cameras handed to `Segmenter.segment` are malformed or inconsistent."""
+
+
+@dataclass
+class SegmentationResult:
+    """Per input point (input order): ``labels`` uint16 index into ``vocabulary`` (65535 =
+    unlabelled), ``scores`` float32 softmax probability of that label (0 where invalid), ``valid``
+    (finite and inside the model's range). ``timings_ms``: voxelise, backbone, [image], classify,
+    total. ``features`` [N, D] float32 only when asked for (``return_features=True``)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    vocabulary: Vocabulary
+    valid: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    features: np.ndarray | None = None
+
+    def class_counts(self) -> dict[str, int]:
+        """Points per class name (classes without points omitted), plus "unlabelled"."""
+        counts = np.bincount(
+            self.labels[self.labels != UNLABELLED].astype(np.int64), minlength=len(self.vocabulary)
+        )
+        out = {n: int(c) for n, c in zip(self.vocabulary.names, counts) if c}
+        out["unlabelled"] = int((self.labels == UNLABELLED).sum())
+        return out
+
+
+class _Stopwatch:
+    """Stage timings in ms; synchronises CUDA so a stage is charged for its own kernels."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+        self._start = self._last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.times[stage] = (now - self._last) * 1e3
+        self._last = now
+
+    def total(self) -> dict[str, float]:
+        self.times["total"] = (self._now() - self._start) * 1e3
+        return self.times
+
+
+class Segmenter:
+    """A trained `Clip3DNet` plus the text embeddings of the current vocabulary.
+
+    Build with `from_checkpoint`. ``text_source`` (a `TextEncoder` or an `EmbeddingBank`) is needed
+    only to encode new vocabularies; ``dense`` (a `DenseClipEncoder`) only for fusion models fed
+    images. ``score_threshold``: labels scoring below it become unlabelled (score kept).
+    """
+
+    def __init__(
+        self,
+        model: Clip3DNet,
+        identity: ClipIdentity,
+        *,
+        text_source: TextEncoder | EmbeddingBank | None = None,
+        dense: DenseClipEncoder | None = None,
+        vocabulary: VocabularyLike | None = None,
+        device: str | torch.device = "cpu",
+        score_threshold: float | None = None,
+        image_short_side: int | None = None,
+    ) -> None:
+        if identity.embed_dim != model.cfg.embed_dim:
+            raise ValueError(f"model embed_dim {model.cfg.embed_dim} != CLIP {identity} embed_dim")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.identity = identity
+        self.text_source = text_source
+        self.dense = None if dense is None else dense.to(self.device)
+        self.score_threshold = score_threshold
+        self.image_short_side = image_short_side
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+        self._state: tuple[Vocabulary, torch.Tensor] | None = None
+        self._warned_columns = False
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        clip: ClipConfig | None = None,
+        embedding_bank: str | Path | EmbeddingBank | None = None,
+        *,
+        vocabulary: VocabularyLike | None = None,
+        score_threshold: float | None = None,
+        text_cache_dir: str | Path | None = None,
+        image_short_side: int | None = None,
+    ) -> Segmenter:
+        """Load a checkpoint and what its text/image side needs.
+
+        ``clip`` overrides the checkpoint's CLIP config (e.g. a local weights file on the vehicle);
+        its identity must match the checkpoint's (`CheckpointError` otherwise). With
+        ``embedding_bank`` the text tower is not used: vocabulary names are looked up in the bank
+        (same identity required). CLIP is loaded only where needed (text tower without a bank, image
+        tower for fusion models). ``vocabulary`` defaults to the checkpoint's, if it stored one.
+        """
+        ckpt = load_checkpoint(path)
+        model = ckpt.build_model(device)
+        bank = None
+        if embedding_bank is not None:
+            bank = (
+                embedding_bank
+                if isinstance(embedding_bank, EmbeddingBank)
+                else EmbeddingBank.load(embedding_bank)
+            )
+            ckpt.check_identity(bank.identity, f"the embedding bank {embedding_bank}")
+        loaded = None
+        if bank is None or ckpt.model_config.fusion:
+            loaded = load_clip(clip or ckpt.clip_config, device)
+            ckpt.check_identity(loaded.identity, "the CLIP loaded")
+        text_source = bank if bank is not None else TextEncoder(loaded, cache_dir=text_cache_dir)
+        dense = DenseClipEncoder(loaded) if ckpt.model_config.fusion else None
+        if vocabulary is None and ckpt.vocabulary is not None:
+            vocabulary = ckpt.vocabulary
+        log.info(
+            "segmenter from %s: CLIP %s, text from %s, fusion %s",
+            path,
+            ckpt.identity,
+            "embedding bank" if bank is not None else "text tower",
+            ckpt.model_config.fusion,
+        )
+        return cls(
+            model,
+            ckpt.identity,
+            text_source=text_source,
+            dense=dense,
+            vocabulary=vocabulary,
+            device=device,
+            score_threshold=score_threshold,
+            image_short_side=image_short_side,
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        state = self._state
+        return None if state is None else state[0]
+
+    @property
+    def text_embeddings(self) -> torch.Tensor | None:
+        state = self._state
+        return None if state is None else state[1]
+
+    def _embed_text(self, vocab: Vocabulary) -> torch.Tensor:
+        if self.text_source is None:
+            raise VocabularyError("this segmenter has no text encoder or embedding bank; use swap_vocabulary")
+        if isinstance(self.text_source, EmbeddingBank):
+            return self.text_source.lookup(vocab)
+        return self.text_source.encode(vocab)
+
+    def encode_vocabulary(self, names: VocabularyLike) -> tuple[Vocabulary, torch.Tensor]:
+        """Build and embed a new vocabulary (with the next version number) without installing it.
+        Thread-safe; may take a while with the text tower, so call it off the processing thread."""
+        strings = names.to_strings() if isinstance(names, Vocabulary) else list(names)
+        vocab = Vocabulary.from_strings(strings, version=next(self._versions))
+        return vocab, self._embed_text(vocab)
+
+    def swap_vocabulary(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> bool:
+        """Install ``(vocabulary, text [C, D])`` atomically. An encoding older than the installed one
+        (lower version, e.g. two re-encodes finishing out of order) is dropped: returns False."""
+        text = self._check_text(vocabulary, text)
+        with self._lock:
+            current = self._state
+            if current is not None and vocabulary.version < current[0].version:
+                log.warning(
+                    "dropping stale vocabulary v%d (v%d installed)", vocabulary.version, current[0].version
+                )
+                return False
+            self._state = (vocabulary, text)
+        log.info("vocabulary v%d: %d classes", vocabulary.version, len(vocabulary))
+        return True
+
+    def set_vocabulary(self, names: VocabularyLike) -> Vocabulary:
+        """Encode and install a vocabulary; only the text side changes (the 3D network is untouched)."""
+        vocab, text = self.encode_vocabulary(names)
+        self.swap_vocabulary(vocab, text)
+        return vocab
+
+    def _check_text(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> torch.Tensor:
+        d = self.model.cfg.embed_dim
+        text = torch.as_tensor(text)
+        if text.ndim != 2 or text.shape != (len(vocabulary), d):
+            raise VocabularyError(
+                f"text embeddings must be [{len(vocabulary)}, {d}], got {tuple(text.shape)}"
+            )
+        if not bool(torch.isfinite(text).all()):
+            raise VocabularyError("text embeddings contain NaN/inf")
+        return F.normalize(text.detach().float(), dim=-1).to(self.device)
+
+    # ------------------------------------------------------------------ inputs
+    def _points(self, points: np.ndarray) -> np.ndarray:
+        arr = np.asarray(points)
+        if arr.ndim != 2 or arr.shape[1] < 3:
+            raise SegmenterInputError(f"points must be [N, >=3] (x, y, z, ...), got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise SegmenterInputError(f"points must be numeric, got dtype {arr.dtype}")
+        c = self.model.cfg.backbone.in_channels
+        arr = arr[:, :c].astype(np.float32, copy=False)
+        if arr.shape[1] < c:  # e.g. xyz-only clouds for a model trained with intensity
+            if not self._warned_columns:
+                log.warning("points have %d columns, the model takes %d: padding with zeros", arr.shape[1], c)
+                self._warned_columns = True
+            arr = np.pad(arr, ((0, 0), (0, c - arr.shape[1])))
+        return np.ascontiguousarray(arr)
+
+    @staticmethod
+    def _check_images(images: Sequence[np.ndarray] | None, cameras: Sequence[PinholeCamera] | None) -> None:
+        if images is None and cameras is None:
+            return
+        if images is None or cameras is None or len(images) != len(cameras):
+            raise SegmenterInputError(
+                f"images and cameras must be given together, one camera per image "
+                f"(got {None if images is None else len(images)} images, "
+                f"{None if cameras is None else len(cameras)} cameras)"
+            )
+        for i, (img, cam) in enumerate(zip(images, cameras)):
+            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                raise SegmenterInputError(f"image {i}: expected uint8 HxWx3 RGB, got {desc}")
+            cam.validate()  # CalibrationError (a ValueError) naming the problem
+            if img.shape[:2] != (cam.height, cam.width):
+                raise SegmenterInputError(
+                    f"image {i} is {img.shape[1]}x{img.shape[0]} but camera {cam.name!r} is "
+                    f"{cam.width}x{cam.height} (use PinholeCamera.scaled for resized images)"
+                )
+
+    # ------------------------------------------------------------------ inference
+    def _image_features(
+        self,
+        xyz: torch.Tensor,
+        valid: torch.Tensor,
+        images: Sequence[np.ndarray],
+        cameras: Sequence[PinholeCamera],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense CLIP features sampled at each valid point's first visible camera -> ([N, D], mask [N])."""
+        assert self.dense is not None
+        n, d = xyz.shape[0], self.model.cfg.embed_dim
+        feats = xyz.new_zeros(n, d)
+        mask = torch.zeros(n, dtype=torch.bool, device=xyz.device)
+        idx = valid.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return feats, mask
+        cam, uv = project_points(xyz.index_select(0, idx), list(cameras)).first_visible()
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for m, img in enumerate(images):
+            by_size.setdefault(img.shape[:2], []).append(m)
+        for members in by_size.values():  # one batched ViT pass per image size
+            dense = self.dense.encode([images[m] for m in members], self.image_short_side)
+            for b, m in enumerate(members):
+                sel = (cam == m).nonzero().squeeze(1)
+                if sel.numel():
+                    rows = idx.index_select(0, sel)
+                    feats[rows] = dense.grid.sample(dense.features[b], uv.index_select(0, sel)).to(
+                        feats.dtype
+                    )
+                    mask[rows] = True
+        return feats, mask
+
+    def segment(
+        self,
+        points: np.ndarray,
+        images: Sequence[np.ndarray] | None = None,
+        cameras: Sequence[PinholeCamera] | None = None,
+        vocabulary: VocabularyLike | None = None,
+        *,
+        score_threshold: float | None = None,
+        return_features: bool = False,
+    ) -> SegmentationResult:
+        """Label every point. ``images``/``cameras`` (one camera per image, calibrated for that image
+        size) are used by fusion models only; others ignore them. ``vocabulary`` labels this call
+        with another vocabulary (encoded now, not installed); ``score_threshold`` overrides the
+        segmenter's."""
+        if vocabulary is not None:
+            vocab = (
+                vocabulary
+                if isinstance(vocabulary, Vocabulary)
+                else Vocabulary.from_strings(list(vocabulary))
+            )
+            text = self._check_text(vocab, self._embed_text(vocab))
+        else:
+            state = self._state  # one consistent (vocabulary, text) pair for the whole call
+            if state is None:
+                raise VocabularyError("no vocabulary set: call set_vocabulary() or pass vocabulary=")
+            vocab, text = state
+        pts = self._points(points)
+        self._check_images(images, cameras)
+        use_images = bool(images) and self.dense is not None
+        if images and self.dense is None:
+            log.debug("images ignored: the model has no fusion")
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+
+        n = pts.shape[0]
+        watch = _Stopwatch(self.device)
+        labels = np.full(n, UNLABELLED, dtype=np.uint16)
+        scores = np.zeros(n, dtype=np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(pts).to(self.device)
+            vox = self.model.voxelize(x)
+            watch.lap("voxelise")
+            out: PointOutput = self.model.encode(x, vox)
+            watch.lap("backbone")
+            if use_images:
+                clip_feats, clip_mask = self._image_features(x[:, :3], out.valid, images, cameras)
+                out = self.model.fuse(out, clip_feats, clip_mask)
+                watch.lap("image")
+            # Point features and text rows are unit length (zero for invalid points), so no renormalising.
+            prob = self.model.logits(out.features, text, normalized=True).softmax(dim=1)
+            score, label = prob.max(dim=1)
+            valid = out.valid.cpu().numpy()
+            labels[valid] = label.cpu().numpy()[valid].astype(np.uint16)
+            scores[valid] = score.float().cpu().numpy()[valid]
+            features = out.features.float().cpu().numpy() if return_features else None
+            watch.lap("classify")
+        if threshold is not None:
+            labels[valid & (scores < threshold)] = UNLABELLED
+        return SegmentationResult(
+            labels=labels,
+            scores=scores,
+            vocabulary=vocab,
+            valid=valid,
+            timings_ms=watch.total(),
+            features=features,
+        )
