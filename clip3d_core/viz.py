@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clip3d_core.clip import UNLABELLED, Vocabulary
+from clip3d_core.clip import UNLABELLED, UNLABELLED_COLOUR, Vocabulary
 
-UNLABELLED_COLOUR = (110, 110, 110)
 BACKGROUND = (0, 0, 0)
 DEFAULT_EXTENT = (-51.2, -51.2, 51.2, 51.2)  # x_min, y_min, x_max, y_max in metres (LiDAR frame)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clip3d_core.clip.vocabulary import UNLABELLED_COLOUR
 from clip3d_core.geometry import CalibrationError, PinholeCamera, camera_from_camera_info
 from clip3d_core.io import INTENSITY_FIELDS, CloudFormatError, ImageFormatError
 
@@ -51,7 +52,7 @@ __all__ = [
 DATATYPES: dict[int, str] = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
 _DATATYPE_OF = {np.dtype(v).newbyteorder("=").str[1:]: k for k, v in DATATYPES.items()}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse absurd sizes before allocating (decompression bombs, bad headers)
-UNLABELLED_RGB = (128, 128, 128)  # grey for unlabelled points in the `rgb` field
+UNLABELLED_RGB = UNLABELLED_COLOUR  # unlabelled points in the `rgb` field: the pictures' grey
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """torch on one CPU thread for the test: OpenMP threads spin-wait, so on a busy 2-core machine
-    two threads run a tiny model up to ~10x slower than one."""
+    """torch on one CPU thread for the whole session (tests that need more threads set them):
+    OpenMP threads spin-wait, so on a busy 2-core machine two threads run a tiny model up to ~10x
+    slower than one."""
     import torch
 
     before = torch.get_num_threads()

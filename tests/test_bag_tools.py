@@ -390,7 +390,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_label_bag_cli_writes_node_compatible_output(
-    tmp_path: Path, drive_bag, checkpoint: Path, capsys, one_torch_thread
+    tmp_path: Path, drive_bag, checkpoint: Path, capsys
 ) -> None:
     from clip3d_core.segmenter import Segmenter
 
@@ -467,7 +467,7 @@ def test_label_bag_cli_writes_node_compatible_output(
 
 
 def test_label_bag_skips_bad_clouds_and_keeps_going(
-    tmp_path: Path, checkpoint: Path, one_torch_thread
+    tmp_path: Path, checkpoint: Path
 ) -> None:
     from clip3d_core.segmenter import Segmenter
     from clip3d_ros.tools.label_bag import BagLabeller, LabelOptions

@@ -24,7 +24,7 @@ from clip3d_ros.tools.label_bag import BagLabeller, LabelOptions
 from clip3d_ros.vocabulary_map import parse_labels_meta, parse_vocabulary_map
 
 
-def test_tiny_demo_end_to_end(tmp_path: Path, one_torch_thread) -> None:
+def test_tiny_demo_end_to_end(tmp_path: Path) -> None:
     world = SyntheticConfig(
         lidar=LidarConfig(pattern="vlp16", beams=16, azimuths=256),
         cameras=(CameraConfig(width=96, height=64),),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,6 @@ def cloud(n: int = 3000, seed: int = 0) -> torch.Tensor:
     )
     xyz = torch.cat([ground, objects])
     return torch.cat([xyz, torch.rand(n, 1, generator=g)], 1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """On a shared, oversubscribed CPU, 2-thread CPU sparse convs spin-wait: 4-8x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

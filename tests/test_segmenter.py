@@ -8,7 +8,6 @@ touch only the text side, bit-identical reloads, bank == text tower, and the ima
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +40,6 @@ D = 32
 VOCAB = ["car|automobile", "road", "building", "vegetation", "person|pedestrian", "pole"]
 # A coarser grid than the preset keeps the 123k-point runs quick on a shared CPU.
 MODEL_CFG = ModelConfig.small(embed_dim=D, voxel_size=0.2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """On a shared, oversubscribed CPU, 2-thread CPU sparse convs spin-wait: 4-8x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -69,16 +69,6 @@ def clean(**kw) -> SimulatedTeacherConfig:
     return SimulatedTeacherConfig(**{"noise": 0.0, "confusion_prob": 0.0, "patch_size": 8, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Two cores shared by many test runs: OpenMP spin-waiting makes small tensor ops ~20x slower
-    # with 2 threads than with 1 here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT = F.normalize(torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(0)), dim=1)
 
 

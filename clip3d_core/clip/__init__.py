@@ -13,12 +13,19 @@ from clip3d_core.clip.loader import (
     tiny_clip_config,
 )
 from clip3d_core.clip.text import DEFAULT_TEMPLATES, TextEncoder
-from clip3d_core.clip.vocabulary import UNLABELLED, Vocabulary, VocabularyEntry, VocabularyError
+from clip3d_core.clip.vocabulary import (
+    UNLABELLED,
+    UNLABELLED_COLOUR,
+    Vocabulary,
+    VocabularyEntry,
+    VocabularyError,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "TINY_MODEL",
     "UNLABELLED",
+    "UNLABELLED_COLOUR",
     "ClipConfig",
     "ClipIdentity",
     "ClipLoadError",

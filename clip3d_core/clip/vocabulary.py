@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 UNLABELLED = 65535  # uint16 label of points no class was assigned to
+UNLABELLED_COLOUR = (128, 128, 128)  # their grey, in pictures and in the ROS `rgb` field alike
 MAX_ENTRIES = 1024
 SYNONYM_SEPARATOR = "|"
 

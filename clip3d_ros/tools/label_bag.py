@@ -27,9 +27,10 @@ from rosbags.interfaces import Connection
 from rosbags.rosbag2 import Reader
 from tqdm import tqdm
 
-from clip3d_core.clip.vocabulary import Vocabulary, VocabularyError
+from clip3d_core.clip.vocabulary import VocabularyError
 from clip3d_core.geometry import CalibrationError, PinholeCamera
 from clip3d_core.io import ImageFormatError
+from clip3d_core.viz import label_colours
 from clip3d_ros import bag, conversions
 from clip3d_ros.vocabulary_map import labels_meta_payload
 
@@ -113,12 +114,6 @@ class _CameraStream:
     images: _StampIndex
     info: Connection
     infos: _StampIndex
-
-
-def output_colours(labels: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
-    """uint8 [N, 3] per-point class colours as the node colours them (unlabelled: grey)."""
-    palette = np.vstack([vocabulary.colours, np.array([conversions.UNLABELLED_RGB], np.uint8)])
-    return palette[np.minimum(labels.astype(np.int64), len(vocabulary))]
 
 
 class BagLabeller:
@@ -272,7 +267,7 @@ class BagLabeller:
             points[:, 3] if intensity_field else None,
             result.labels,
             result.scores,
-            output_colours(result.labels, vocab),
+            label_colours(result.labels, vocab.colours),
         )
         stats.label_counts.update(result.class_counts())
         stats.cameras_used.update(used)
