@@ -6,7 +6,7 @@ Layout (format_version 1)::
      "model_config": ModelConfig as a plain dict, "state_dict": {name: tensor},
      "clip": {"config": ClipConfig dict, "identity": ClipIdentity dict},
      "vocabulary": ["car|automobile", ...] | None,
-     "text_bank": {"names": [...], "vectors": Tensor[K, D]} | None,
+     "text_bank": EmbeddingBank.to_dict() (names, vectors, identity, ...) | None,
      "meta": {plain data: clip3d_version, created, epoch, metrics, ...}}
 
 Only plain containers and tensors are stored, so it loads with ``torch.load(weights_only=True)``

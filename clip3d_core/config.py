@@ -43,9 +43,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict:
         return dict(value)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp):
+    # bool is an int subclass: `iterations: true` must not pass as 1.
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 

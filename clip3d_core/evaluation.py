@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -1
+from clip3d_core.losses.classification import IGNORE_INDEX  # one "no label" value everywhere
 
 
 class EvaluationError(ValueError):

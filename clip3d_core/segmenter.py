@@ -173,8 +173,13 @@ class Segmenter:
         if bank is None or ckpt.model_config.fusion:
             loaded = load_clip(clip or ckpt.clip_config, device)
             ckpt.check_identity(loaded.identity, "the CLIP loaded")
+        elif clip is not None:
+            log.warning("CLIP config %s not used: text comes from the embedding bank and the model has "
+                        "no fusion", clip.model_name)
         text_source = bank if bank is not None else TextEncoder(loaded, cache_dir=text_cache_dir)
-        dense = DenseClipEncoder(loaded) if ckpt.model_config.fusion else None
+        # A fusion model reads CLIP features made the way its training teacher made them.
+        last_block = ckpt.meta.get("train_config", {}).get("teacher", {}).get("dense_last_block", "value")
+        dense = DenseClipEncoder(loaded, last_block) if ckpt.model_config.fusion else None
         if vocabulary is None and ckpt.vocabulary is not None:
             vocabulary = ckpt.vocabulary
         log.info(

@@ -411,6 +411,10 @@ class Clip3DNode(Node):
         except CloudFormatError as exc:
             self._bad_input("cloud", str(exc))
             return
+        if intensity_field is None and self.params.intensity_field:  # labelled anyway, from x, y, z
+            reason = f"cloud has no field {self.params.intensity_field!r} (intensity_field parameter)"
+            self.diagnostics.on_bad_input("missing_intensity", reason)
+            self._throttled("intensity", f"{reason}: labelling without intensity", "warning")
         if len(points) == 0:  # answered with an empty labelled cloud, so consumers stay in step
             self.diagnostics.on_bad_input("empty_cloud", "cloud has no points")
             self._throttled("empty", "empty cloud: publishing an empty labelled cloud", "warning")

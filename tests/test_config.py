@@ -43,6 +43,9 @@ def test_nested_round_trip(tmp_path: Path) -> None:
         ({"inner": {"shape": [1, 2]}}, "expected 3 values"),
         ({"name": 3}, "expected str"),
         ({"inner": 5}, "expected a mapping"),
+        ({"inner": {"size": "abc"}}, "expected a number"),
+        ({"inner": {"size": True}}, "expected a number"),
+        ({"limit": True}, "expected int"),
     ],
 )
 def test_bad_config_names_the_problem(data: dict, message: str) -> None:

@@ -247,6 +247,15 @@ def test_other_layouts_and_organised_clouds_are_labelled(harness) -> None:
     check_labelled(out, pts, ["a", "b", "c", "d"])
 
 
+def test_named_intensity_field_missing_is_reported_and_the_cloud_still_labelled(harness) -> None:
+    h = harness(vocabulary=["a", "b"], intensity_field="reflectivity")
+    msg, pts = cloud_msg(1020.0, n=800)  # x, y, z, intensity: no "reflectivity"
+    got = check_labelled(h.publish_and_wait(msg), pts, ["a", "b"])
+    assert "intensity" not in got.dtype.names
+    assert h.node.diagnostics.bad_inputs["missing_intensity"] == 1
+    assert "reflectivity" in h.node.diagnostics.last_bad_input
+
+
 def _bad_clouds() -> dict[str, PointCloud2]:
     bad = {}
     m, _ = cloud_msg(1.0, n=10, dtype=np.dtype([("intensity", "<f4"), ("ring", "<u2")]))

@@ -71,6 +71,12 @@ def test_overrides_and_bad_configs(tmp_path: Path) -> None:
         load_train_config(TINY, ["trainer.iterations"])
     with pytest.raises(ConfigError, match="not found"):
         load_train_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="dense_last_block"):
+        load_train_config(TINY, ["teacher.dense_last_block=attention"])
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda"):
+        load_train_config(TINY, ["trainer.device=gpu"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_train_config(TINY, ["optim.lr=fast"])
 
 
 # ------------------------------------------------------------------------------ stage logic

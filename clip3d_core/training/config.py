@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from clip3d_core.clip import ClipConfig
+from clip3d_core.clip.dense import LAST_BLOCK_MODES
 from clip3d_core.config import ConfigError, from_dict, load_yaml, to_dict
 from clip3d_core.data.synthetic.config import SyntheticConfig
 from clip3d_core.pseudo_labels import PseudoLabelConfig
@@ -23,6 +24,11 @@ from clip3d_core.pseudo_labels import PseudoLabelConfig
 SETTINGS = ("zero_shot", "annotation_free", "supervised")
 DATASETS = ("synthetic", "semantickitti", "nuscenes")
 
+
+
+def is_device_name(name: str) -> bool:
+    """auto | cpu | cuda | cuda:N"""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 @dataclass
 class DataConfig:
@@ -61,7 +67,8 @@ class DataConfig:
 class TeacherConfig:
     """The 2D teacher that supplies dense CLIP features per camera image.
 
-    kind: "clip" (frozen CLIP image encoder, MaskCLIP-style dense features) or "simulated"
+    kind: "clip" (frozen CLIP image encoder, dense features from its last block's value path,
+    see `DenseClipEncoder`; `dense_last_block` picks "value" or "maskclip") or "simulated"
     (synthetic world only: features derived from the rendered pixel labels with configurable
     noise and confusion, standing in for a pretrained CLIP that is not available offline).
     `options` holds the teacher's own config keys.
@@ -69,6 +76,9 @@ class TeacherConfig:
 
     kind: str = "clip"
     options: dict[str, Any] = field(default_factory=dict)
+    # Dense path of CLIP's last block (kind "clip"): "value" (residual-free, the default) or
+    # "maskclip" (value path plus residual and MLP, as in MaskCLIP). Fusion models reuse it at inference.
+    dense_last_block: str = "value"
     # Short image side fed to the CLIP image encoder (None = the model's native size).
     short_side: int | None = None
     # Keep per-frame point-level teacher outputs in memory (the teacher is frozen, so features
@@ -150,7 +160,7 @@ class TrainerConfig:
     batch_size: int = 2  # frames per process per iteration
     num_workers: int = 2
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch intra-op threads per process (0 = torch's default). On a shared CPU, 1 thread avoids
     # OpenMP oversubscription, which can slow sparse convolutions down ten-fold.
     cpu_threads: int = 0
@@ -197,14 +207,17 @@ class TrainConfig:
             raise ConfigError(f"data.dataset: {self.data.dataset!r} not in {DATASETS}")
         if self.teacher.kind not in ("clip", "simulated"):
             raise ConfigError(f"teacher.kind: {self.teacher.kind!r} not in ('clip', 'simulated')")
+        if self.teacher.dense_last_block not in LAST_BLOCK_MODES:
+            raise ConfigError(f"teacher.dense_last_block: {self.teacher.dense_last_block!r} not in "
+                              f"{LAST_BLOCK_MODES}")
         if self.teacher.kind == "simulated" and self.data.dataset != "synthetic":
             raise ConfigError("teacher.kind 'simulated' needs rendered pixel labels: synthetic data only")
         if self.model_preset not in ("small", "default"):
             raise ConfigError(f"model_preset: {self.model_preset!r} not in ('small', 'default')")
         if self.trainer.amp not in ("bf16", "fp16", "off"):
             raise ConfigError(f"trainer.amp: {self.trainer.amp!r} not in ('bf16', 'fp16', 'off')")
-        if self.trainer.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"trainer.device: {self.trainer.device!r} not in ('auto', 'cpu', 'cuda')")
+        if not is_device_name(self.trainer.device):
+            raise ConfigError(f"trainer.device: {self.trainer.device!r}: expected auto, cpu, cuda or cuda:N")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule: {self.optim.schedule!r} not in ('cosine', 'constant')")
         if self.optim.name not in ("adamw", "sgd"):

@@ -112,7 +112,7 @@ def build_teacher(cfg: TeacherConfig, loaded: LoadedClip) -> Teacher:
         raise ConfigError(f"teacher.options {sorted(cfg.options)} are for the simulated teacher only")
     from clip3d_core.clip.dense import DenseClipEncoder
 
-    return ClipTeacher(DenseClipEncoder(loaded), short_side=cfg.short_side)
+    return ClipTeacher(DenseClipEncoder(loaded, cfg.dense_last_block), short_side=cfg.short_side)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

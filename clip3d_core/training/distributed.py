@@ -18,6 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from clip3d_core.config import ConfigError
+from clip3d_core.training.config import is_device_name
+
 log = logging.getLogger(__name__)
 
 
@@ -38,12 +41,21 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this process's GPU when CUDA is available, else CPU."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device is 'cuda' but CUDA is not available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """"auto" -> this process's GPU when CUDA is available, else CPU; "cuda" -> this process's GPU;
+    "cuda:N" -> that GPU; "cpu". Anything else, or CUDA asked for where there is none, raises
+    `ConfigError` rather than silently running somewhere else."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not is_device_name(name):
+        raise ConfigError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine")
+    if name.startswith("cuda:"):
+        index = int(name[5:])
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:

@@ -7,7 +7,9 @@ file I/O. Layout of a run directory::
     <out>/checkpoints/iter_*.pt       periodic checkpoints (+ .state.pt sidecars for resuming)
     <out>/stage_clip_guided.pt        model at the end of each stage (Segmenter-loadable)
     <out>/final.pt                    the trained model (Segmenter-loadable)
-    <out>/metrics.json                evaluation after each stage
+    <out>/metrics.json                evaluation after each stage ("<stage>") and, with
+                                      trainer.eval_every, during it ("<stage>@<iteration>")
+    <out>/eval_<stage>.json           the full report (IoU per class, confusion) at each stage end
     <out>/tb/                         TensorBoard scalars
 """
 

@@ -27,6 +27,7 @@ from rosbags.interfaces import Connection
 from rosbags.rosbag2 import Reader
 from tqdm import tqdm
 
+from clip3d_core.clip import ClipLoadError
 from clip3d_core.clip.vocabulary import VocabularyError
 from clip3d_core.geometry import CalibrationError, PinholeCamera
 from clip3d_core.io import ImageFormatError
@@ -356,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
             score_threshold=args.score_threshold,
         )
         stats = BagLabeller(segmenter, options).run(args.input, args.output)
-    except (bag.BagError, CheckpointError, VocabularyError) as exc:
+    except (bag.BagError, CheckpointError, ClipLoadError, VocabularyError) as exc:
         log.error("%s", exc)
         return 2
     print(
