@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from clip3d_core.clip import UNLABELLED, Vocabulary
 from clip3d_core.segmenter import SegmentationResult
 
-__all__ = ["FakeSegmenter", "fake_labels", "ros_domain_id"]
+__all__ = ["FakeSegmenter", "fake_labels", "ros_domain_id", "wait_for"]
 
 
 def fake_labels(xyz: np.ndarray, num_classes: int) -> np.ndarray:
@@ -96,3 +97,14 @@ def ros_domain_id(offset: int) -> int:
     """A ROS domain id for one test module: distinct per module (`offset`) and per process, so
     concurrent test runs on one host do not hear each other (ids 20..99 here)."""
     return 20 + (os.getpid() * 7 + offset * 31) % 80
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, poll_s: float = 0.01) -> Any:
+    """Poll `pred` until it returns something truthy or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return pred()

@@ -33,7 +33,7 @@ from std_msgs.msg import String  # noqa: E402
 from clip3d_core.clip import Vocabulary  # noqa: E402
 from clip3d_ros import conversions as cv  # noqa: E402
 from clip3d_ros.node import Clip3DNode  # noqa: E402
-from clip3d_ros.testing import FakeSegmenter, fake_labels, ros_domain_id  # noqa: E402
+from clip3d_ros.testing import FakeSegmenter, fake_labels, ros_domain_id, wait_for  # noqa: E402
 from clip3d_ros.vocabulary_map import parse_labels_meta, parse_vocabulary_map, vocabulary_qos  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -50,15 +50,6 @@ def context():
     yield ctx
     rclpy.shutdown(context=ctx)
 
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.01)
-    return pred()
 
 
 def stamp(sec: float) -> Any:
@@ -143,6 +134,10 @@ class Harness:
         assert wait_for(lambda: self.cloud_pub.get_subscription_count() > 0, 10), "node never subscribed"
         if subscribe:
             assert wait_for(lambda: self.node._cloud_pub.get_subscription_count() > 0, 10)
+        # The start-up map is published before this peer exists; transient-local depth 1 replays only
+        # the newest map to a late joiner, so a test that changes the vocabulary straight away would
+        # otherwise race discovery and never see v1 (as a late subscriber should not).
+        assert wait_for(lambda: self.maps, 10), "the start-up vocabulary map never arrived"
 
     def _add(self, store: list, convert: Callable[[Any], Any] = lambda m: m) -> Callable[[Any], None]:
         def cb(msg: Any) -> None:

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from std_msgs.msg import String  # noqa: E402
 from clip3d_core.testing import shared_data_dir  # noqa: E402
 from clip3d_ros import conversions as cv  # noqa: E402
 from clip3d_ros.node import Clip3DNode  # noqa: E402
-from clip3d_ros.testing import ros_domain_id  # noqa: E402
+from clip3d_ros.testing import ros_domain_id, wait_for  # noqa: E402
 from clip3d_ros.vocabulary_map import parse_labels_meta, parse_vocabulary_map, vocabulary_qos  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -56,15 +55,6 @@ def context():
     yield ctx
     rclpy.shutdown(context=ctx)
 
-
-def wait_for(pred: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    return pred()
 
 
 def lidar_scan() -> np.ndarray:
