@@ -29,7 +29,7 @@ from clip3d_core.clip import (
 )
 from clip3d_core.clip.bank import COCO_CLASSES
 from clip3d_core.clip.dense import PatchGrid, resize_pos_embed
-from clip3d_core.clip.vocabulary import MAX_ENTRIES, name_colour
+from clip3d_core.clip.vocabulary import DRIVING_PALETTE, MAX_ENTRIES, name_colour
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,10 @@ def test_vocabulary_parsing_and_colours():
     other = Vocabulary.from_strings(["traffic cone", "bus", "car"])
     assert np.array_equal(other.colours[0], colours[2]) and np.array_equal(other.colours[2], colours[0])
     assert name_colour("car") == tuple(colours[0]) and name_colour("car") != name_colour("truck")
+    # The usual driving classes take SemanticKITTI's colours, whatever the spelling; others hash.
+    assert name_colour("Traffic-Sign") == name_colour("traffic_sign") == (255, 0, 0)
+    assert name_colour("road") == (255, 0, 255) and name_colour("pedestrian") == name_colour("person")
+    assert name_colour("traffic cone") not in DRIVING_PALETTE.values()
     msg = vocab.as_dict()
     assert msg["version"] == 3 and msg["entries"][0] == {
         "id": 0, "name": "car", "synonyms": ["car", "automobile"], "colour": list(colours[0])}

@@ -48,8 +48,45 @@ class VocabularyEntry:
         return SYNONYM_SEPARATOR.join(self.synonyms)
 
 
+# SemanticKITTI's colours (RGB), the ones driving engineers know from its tools and RViz configs,
+# with the darkest (sidewalk, motorcycle, truck, other-vehicle) lightened to read on black.
+# Keys are normalised names (`_palette_key`); a few common aliases share their class's colour.
+DRIVING_PALETTE: dict[str, tuple[int, int, int]] = {
+    "car": (100, 150, 245),
+    "bicycle": (100, 230, 245),
+    "motorcycle": (70, 110, 230),
+    "truck": (140, 80, 235),
+    "other vehicle": (90, 90, 255),
+    "person": (255, 30, 30),
+    "pedestrian": (255, 30, 30),
+    "bicyclist": (255, 40, 200),
+    "motorcyclist": (190, 50, 120),
+    "road": (255, 0, 255),
+    "parking": (255, 150, 255),
+    "sidewalk": (170, 60, 170),
+    "other ground": (175, 0, 75),
+    "building": (255, 200, 0),
+    "fence": (255, 120, 50),
+    "vegetation": (0, 175, 0),
+    "tree": (0, 175, 0),
+    "trunk": (135, 60, 0),
+    "terrain": (150, 240, 80),
+    "grass": (150, 240, 80),
+    "pole": (255, 240, 150),
+    "traffic sign": (255, 0, 0),
+}
+
+
+def _palette_key(name: str) -> str:
+    return " ".join(name.casefold().replace("-", " ").replace("_", " ").split())
+
+
 def name_colour(name: str) -> tuple[int, int, int]:
-    """A colour fixed by the name alone (hash -> HSV), the same in every process and run."""
+    """A colour fixed by the name alone, the same in every process and run: `DRIVING_PALETTE` for
+    the usual driving classes, otherwise a hash of the name -> HSV."""
+    known = DRIVING_PALETTE.get(_palette_key(name))
+    if known is not None:
+        return known
     h = hashlib.sha256(name.casefold().encode("utf-8")).digest()
     hue = int.from_bytes(h[:2], "little") / 65536.0
     sat = 0.55 + 0.4 * h[2] / 255.0  # saturated and bright enough to read on a dark RViz background
