@@ -105,9 +105,25 @@ def test_checkpoint_file_identity_and_outputs(tiny, tiny_file, tmp_path):
         load_clip(ClipConfig(model_name="clip3d-tiny", checkpoint=str(bad)))
 
 
+@pytest.mark.parametrize(("tag", "quick_gelu"), [("openai", True), ("laion2b_s34b_b88k", False)])
+def test_pretrained_tags_get_the_activation_they_were_trained_with(monkeypatch, tag, quick_gelu):
+    # OpenAI's ViT-B-16 weights need QuickGELU, which the plain config lacks (open_clip only warns).
+    seen = {}
+
+    def offline(name, **kwargs):  # records the call, then fails as it does without a network
+        seen.update(kwargs, name=name)
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(ClipLoadError, match="not available"):
+        load_clip(ClipConfig(model_name="ViT-B/16", pretrained=tag))
+    assert seen["name"] == "ViT-B-16" and seen["pretrained"] == tag and seen["force_quick_gelu"] is quick_gelu
+
+
 def test_identity_dict_round_trip():
     ident = ClipIdentity("ViT-B-16", "pretrained:openai", 512)
     assert ClipIdentity.from_dict(ident.as_dict()) == ident
+    assert ClipIdentity.from_dict({**ident.as_dict(), "model_name": "ViT-B/16"}) == ident  # one model
     with pytest.raises(ClipLoadError):
         ClipIdentity.from_dict({"model_name": "x"})
 

@@ -47,6 +47,11 @@ class ClipConfig:
     precision: str = "fp32"
 
 
+def _canonical_name(model_name: str) -> str:
+    """open_clip's spelling of a model name ("ViT-B/16" and "ViT-B-16" are one model)."""
+    return model_name.replace("/", "-")
+
+
 @dataclass(frozen=True)
 class ClipIdentity:
     """What produced an embedding: model architecture, weight source and output dimension."""
@@ -61,7 +66,7 @@ class ClipIdentity:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClipIdentity:
         try:
-            return cls(model_name=str(data["model_name"]), source=str(data["source"]),
+            return cls(model_name=_canonical_name(str(data["model_name"])), source=str(data["source"]),
                        embed_dim=int(data["embed_dim"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ClipLoadError(f"malformed CLIP identity {data!r}: {exc}") from exc
@@ -113,7 +118,7 @@ def _check_config(cfg: ClipConfig) -> dict[str, Any]:
             f"model name {cfg.model_name!r}: hub/dir schemas are not supported; use a built-in open_clip "
             "name with a pretrained tag or a local checkpoint file"
         )
-    model_cfg = open_clip.get_model_config(cfg.model_name.replace("/", "-"))
+    model_cfg = open_clip.get_model_config(_canonical_name(cfg.model_name))
     if model_cfg is None:
         near = [m for m in open_clip.list_models() if cfg.model_name.split("-")[0].lower() in m.lower()]
         raise ClipLoadError(f"unknown open_clip model {cfg.model_name!r}; similar: {near[:12]}")
@@ -126,7 +131,7 @@ def _check_config(cfg: ClipConfig) -> dict[str, Any]:
 
 def _create(cfg: ClipConfig, device: str | torch.device) -> tuple[nn.Module, str]:
     """The open_clip model and its identity source string."""
-    name = cfg.model_name.replace("/", "-")
+    name = _canonical_name(cfg.model_name)
     common = dict(precision=cfg.precision, device=device, pretrained_text=False)
     if cfg.checkpoint:
         path = Path(cfg.checkpoint).expanduser()
@@ -143,8 +148,13 @@ def _create(cfg: ClipConfig, device: str | torch.device) -> tuple[nn.Module, str
             tags = open_clip.list_pretrained_tags_by_model(name)
             hint = " (a file? use checkpoint=)" if Path(cfg.pretrained).exists() else ""
             raise ClipLoadError(f"unknown pretrained tag {cfg.pretrained!r} for {name}{hint}; known: {tags}")
+        # OpenAI's weights were trained with QuickGELU, which plain configs such as ViT-B-16 lack:
+        # open_clip would only warn and return a model whose features are quietly wrong.
+        quick_gelu = bool(open_clip.get_pretrained_cfg(name, cfg.pretrained).get("quick_gelu", False))
         try:
-            model = open_clip.create_model(name, pretrained=cfg.pretrained, **common)
+            model = open_clip.create_model(
+                name, pretrained=cfg.pretrained, force_quick_gelu=quick_gelu, **common
+            )
         except Exception as exc:
             raise ClipLoadError(
                 f"weights for {name} tag {cfg.pretrained!r} are not available (no network and no cached "
@@ -173,11 +183,11 @@ def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> LoadedClip
     pp = open_clip.get_model_preprocess_cfg(model)
     patch = getattr(visual, "patch_size", None)
     patch_size = None if patch is None else int(open_clip.utils.to_2tuple(patch)[0])
-    identity = ClipIdentity(cfg.model_name, source, int(model_cfg["embed_dim"]))
+    identity = ClipIdentity(_canonical_name(cfg.model_name), source, int(model_cfg["embed_dim"]))
     log.info("loaded CLIP %s on %s", identity, device)
     return LoadedClip(
         model=model,
-        tokenizer=open_clip.get_tokenizer(cfg.model_name.replace("/", "-")),
+        tokenizer=open_clip.get_tokenizer(identity.model_name),
         identity=identity,
         config=cfg,
         image_mean=tuple(float(v) for v in pp["mean"]),
