@@ -80,7 +80,7 @@ def _plain_vocabulary(vocabulary: Vocabulary | Sequence[str] | None) -> list[str
         return None
     if isinstance(vocabulary, Vocabulary):
         return vocabulary.to_strings()
-    return Vocabulary.from_strings(list(vocabulary)).to_strings()  # validates
+    return Vocabulary.from_strings(vocabulary).to_strings()  # validates
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -276,7 +276,7 @@ def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> C
     vocabulary = raw.get("vocabulary")
     if vocabulary is not None:
         try:
-            vocabulary = Vocabulary.from_strings(list(vocabulary)).to_strings()
+            vocabulary = Vocabulary.from_strings(vocabulary).to_strings()
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: invalid vocabulary: {exc}") from exc
     ckpt = Checkpoint(

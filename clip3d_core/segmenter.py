@@ -82,13 +82,14 @@ class _Stopwatch:
     """Stage timings in ms; synchronises CUDA so a stage is charged for its own kernels."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.times: dict[str, float] = {}
         self._start = self._last = self._now()
 
     def _now(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # this device's kernels, not the current device's
         return time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -218,10 +219,18 @@ class Segmenter:
             return self.text_source.lookup(vocab)
         return self.text_source.encode(vocab)
 
+    def check_vocabulary(self, names: VocabularyLike) -> None:
+        """Raise `VocabularyError` unless `encode_vocabulary(names)` would succeed, without running
+        the text tower: valid entries and, with an embedding bank, every phrase in the bank (so a
+        live change can be rejected up front instead of failing later on another thread)."""
+        vocab = names if isinstance(names, Vocabulary) else Vocabulary.from_strings(names)
+        if self.text_source is None or isinstance(self.text_source, EmbeddingBank):
+            self._embed_text(vocab)  # a table lookup
+
     def encode_vocabulary(self, names: VocabularyLike) -> tuple[Vocabulary, torch.Tensor]:
         """Build and embed a new vocabulary (with the next version number) without installing it.
         Thread-safe; may take a while with the text tower, so call it off the processing thread."""
-        strings = names.to_strings() if isinstance(names, Vocabulary) else list(names)
+        strings = names.to_strings() if isinstance(names, Vocabulary) else names
         vocab = Vocabulary.from_strings(strings, version=next(self._versions))
         return vocab, self._embed_text(vocab)
 
@@ -344,7 +353,7 @@ class Segmenter:
             vocab = (
                 vocabulary
                 if isinstance(vocabulary, Vocabulary)
-                else Vocabulary.from_strings(list(vocabulary))
+                else Vocabulary.from_strings(vocabulary)
             )
             text = self._check_text(vocab, self._embed_text(vocab))
         else:
@@ -354,8 +363,9 @@ class Segmenter:
             vocab, text = state
         pts = self._points(points)
         self._check_images(images, cameras)
-        use_images = bool(images) and self.dense is not None
-        if images and self.dense is None:
+        has_images = images is not None and len(images) > 0  # a list or one stacked [M, H, W, 3] array
+        use_images = has_images and self.dense is not None
+        if has_images and self.dense is None:
             log.debug("images ignored: the model has no fusion")
         threshold = self.score_threshold if score_threshold is None else score_threshold
 

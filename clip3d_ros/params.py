@@ -340,7 +340,7 @@ def validate_vocabulary(entries: Sequence[str]) -> str | None:
     if long:
         return f"entry longer than {MAX_ENTRY_CHARS} characters: {long[0][:40]!r}..."
     try:
-        Vocabulary.from_strings(list(entries))
+        Vocabulary.from_strings(entries)
     except VocabularyError as exc:
         return str(exc)
     return None

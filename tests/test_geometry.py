@@ -25,6 +25,7 @@ from clip3d_core.geometry import (
     cameras_from_nuscenes_info,
     grid_shape,
     image_paths_from_info,
+    info_sample,
     load_info_pickle,
     load_kitti_calib,
     parse_kitti_calib,
@@ -400,6 +401,16 @@ def test_kitti_demo_info_pickle_matches_its_lidar2img(shared_data: Path):
 
 
 # ---------------------------------------------------------------------- voxelisation
+def test_unreadable_info_pickles_are_calibration_errors(tmp_path: Path):
+    foreign = tmp_path / "mmdet.pkl"
+    foreign.write_bytes(b"cnot_installed_here\nThing\n)\x81.")  # a class from a package we lack
+    with pytest.raises(CalibrationError, match="ModuleNotFoundError"):
+        load_info_pickle(foreign)
+    for info, match in [({"data_list": []}, "outside data_list of 0"), ({"data_list": [3]}, "not a dict")]:
+        with pytest.raises(CalibrationError, match=match):
+            info_sample(info)
+
+
 def test_voxelize_hand_cases():
     pts = torch.tensor(
         [
@@ -426,6 +437,9 @@ def test_voxelize_hand_cases():
     assert vox.points_per_voxel().tolist() == [2, 1, 1, 1]
     # Anisotropic voxels and whole-number ranges with float error (51.2 / 0.1 = 511.99...).
     assert grid_shape((0.1, 0.2, 0.25), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)) == (32, 512, 1024)
+    # A range that is not a whole number of voxels: the last cell sticks out, the crop stays exact.
+    edge = voxelize(torch.tensor([[0.99, 0.1, 0.1], [1.02, 0.1, 0.1]]), 0.15, (0.0, 0.0, 0.0, 1.0, 0.3, 0.3))
+    assert edge.spatial_shape == (2, 2, 7) and edge.valid.tolist() == [True, False]
     with pytest.raises(ValueError):
         voxelize(pts, 0.0, rng)
     with pytest.raises(ValueError):

@@ -171,6 +171,11 @@ def test_embedding_bank_matches_text_tower(
     assert np.allclose(res.scores, clean.scores, atol=1e-6)
     with pytest.raises(VocabularyError, match="giraffe"):
         seg.set_vocabulary(["car", "giraffe"])
+    before = seg.vocabulary
+    with pytest.raises(VocabularyError, match="giraffe"):  # up front, nothing encoded or installed
+        seg.check_vocabulary(["car", "giraffe"])
+    seg.check_vocabulary(["truck", "car"])
+    assert seg.vocabulary is before
     foreign = EmbeddingBank(bank.names, bank.vectors, ClipIdentity("clip3d-tiny", "random:9", D))
     with pytest.raises(CheckpointError, match="identity mismatch"):
         Segmenter.from_checkpoint(ckpt, embedding_bank=foreign)
@@ -221,6 +226,11 @@ def test_bad_inputs_raise_named_errors(seg: Segmenter, scan: np.ndarray, ckpt: P
         seg.segment(scan, images=[np.zeros((90, 128, 3), np.uint8)], cameras=[forward_camera()])
     with pytest.raises(SegmenterInputError, match="uint8"):
         seg.segment(scan, images=[np.zeros((96, 128, 3), np.float32)], cameras=[forward_camera()])
+    for call in (lambda: seg.set_vocabulary("car"), lambda: seg.segment(scan[:10], vocabulary="car")):
+        with pytest.raises(VocabularyError, match="one string"):  # not the classes c, a, r
+            call()
+    stacked = seg.segment(scan[:10], images=np.zeros((1, 96, 128, 3), np.uint8), cameras=[forward_camera()])
+    assert stacked.labels.shape == (10,)  # images as one [M, H, W, 3] array are fine too
     empty = seg.segment(np.zeros((0, 4), np.float32))
     assert empty.labels.shape == (0,) and empty.labels.dtype == np.uint16 and empty.scores.dtype == np.float32
     no_vocab = Segmenter(load_checkpoint(ckpt).build_model(), ClipIdentity("clip3d-tiny", "random:0", D))

@@ -95,7 +95,7 @@ def _case(config: str, n: int, args: dict[str, Any]) -> dict[str, Any]:
         vox = model.voxelize(torch.from_numpy(points).to(device))
     rss_before = _peak_rss_mb()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc = torch.cuda.memory_allocated(device)
     for _ in range(args["warmup"]):

@@ -81,6 +81,7 @@ def _cameras(args: argparse.Namespace) -> tuple[list[np.ndarray], list[Any]]:
         camera_from_kitti_info,
         cameras_from_nuscenes_info,
         image_paths_from_info,
+        info_sample,
         load_info_pickle,
         load_kitti_calib,
     )
@@ -93,7 +94,7 @@ def _cameras(args: argparse.Namespace) -> tuple[list[np.ndarray], list[Any]]:
     paths = list(args.images)
     if args.calib.suffix == ".pkl":
         info = load_info_pickle(args.calib)
-        sample = info["data_list"][0] if "data_list" in info else info
+        sample = info_sample(info)
         if "CAM2" in sample.get("images", {}):
             if len(paths) != 1:
                 raise ValueError("a KITTI info .pkl calibrates one image: give exactly one --images")

@@ -97,14 +97,18 @@ def load_kitti_calib(
     return PinholeCamera(name or camera, K, int(w), int(h), T_b @ R0 @ Tr).validate()
 
 
-def _info_sample(info: Mapping[str, Any], index: int = 0) -> Mapping[str, Any]:
+def info_sample(info: Mapping[str, Any], index: int = 0) -> Mapping[str, Any]:
     """Accept a whole mmdetection3d info file ({metainfo, data_list}) or one of its samples."""
+    sample = info
     if "data_list" in info:
         samples = info["data_list"]
-        if not 0 <= index < len(samples):
-            raise CalibrationError(f"info: sample index {index} outside data_list of {len(samples)}")
-        return samples[index]
-    return info
+        if not isinstance(samples, Sequence) or not 0 <= index < len(samples):
+            size = len(samples) if isinstance(samples, Sequence) else type(samples).__name__
+            raise CalibrationError(f"info: sample index {index} outside data_list of {size}")
+        sample = samples[index]
+    if not isinstance(sample, Mapping):
+        raise CalibrationError(f"info: sample {index} is a {type(sample).__name__}, not a dict")
+    return sample
 
 
 def _mat(value: Any, shapes: Sequence[tuple[int, int]], where: str) -> np.ndarray:
@@ -142,7 +146,7 @@ def cameras_from_nuscenes_info(
 ) -> list[PinholeCamera]:
     """mmdetection3d nuScenes info (whole file dict or one `data_list` sample) -> six cameras in
     `names` order, from per-camera `cam2img` (3x3) and `lidar2cam` (4x4)."""
-    images = _info_sample(info, index).get("images")
+    images = info_sample(info, index).get("images")
     if not isinstance(images, Mapping):
         raise CalibrationError("nuScenes info: no 'images' mapping in sample")
     missing = [n for n in names if n not in images]
@@ -155,7 +159,7 @@ def image_paths_from_info(
     info: Mapping[str, Any], root: str | Path, names: Sequence[str] = NUSCENES_CAMERAS, index: int = 0
 ) -> list[Path]:
     """Image file per camera: `img_path` from the info, resolved against `root` (basename fallback)."""
-    images = _info_sample(info, index).get("images", {})
+    images = info_sample(info, index).get("images", {})
     root = Path(root)
     out = []
     for n in names:
@@ -172,8 +176,8 @@ def load_info_pickle(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise CalibrationError(f"{path}: cannot read info pickle ({exc})") from exc
+    except Exception as exc:  # also a pickle naming classes of a package not installed here
+        raise CalibrationError(f"{path}: cannot read info pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
         raise CalibrationError(f"{path}: expected a dict, got {type(data).__name__}")
     return data
@@ -184,7 +188,7 @@ def camera_from_kitti_info(
 ) -> PinholeCamera:
     """mmdetection3d KITTI info (e.g. kitti_demo/000008.pkl): `cam2img` (4x4 P with baseline) and
     `lidar2cam` (R0_rect @ Tr_velo_to_cam) of `camera`."""
-    images = _info_sample(info, index).get("images")
+    images = info_sample(info, index).get("images")
     if not isinstance(images, Mapping) or camera not in images:
         raise CalibrationError(f"KITTI info: camera {camera!r} missing")
     return _camera_from_info_entry(camera, images[camera], image_hw)

@@ -98,7 +98,10 @@ def voxelize(
     lo = torch.tensor(point_range[:3], dtype=torch.float64, device=device)
     cell = torch.floor((p - lo) / torch.tensor(size, dtype=torch.float64, device=device))
     shape_xyz = torch.tensor((nx, ny, nz), dtype=torch.float64, device=device)
-    valid = torch.isfinite(p).all(dim=1) & (cell >= 0).all(dim=1) & (cell < shape_xyz).all(dim=1)
+    hi = torch.tensor(point_range[3:], dtype=torch.float64, device=device)
+    # p < hi as well: when the range is not a whole number of voxels the last cell sticks out past it.
+    inside = (cell >= 0).all(dim=1) & (cell < shape_xyz).all(dim=1) & (p < hi).all(dim=1)
+    valid = torch.isfinite(p).all(dim=1) & inside
     cell = torch.where(valid.unsqueeze(1), cell, torch.zeros_like(cell)).long()
 
     key = ((batch_index * nz + cell[:, 2]) * ny + cell[:, 1]) * nx + cell[:, 0]

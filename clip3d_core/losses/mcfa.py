@@ -127,7 +127,7 @@ def semantic_alignment_loss(
     return (per_class[hit] / counts[hit]).mean()
 
 
-def pool_by_index(features: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+def pool_by_index(features: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean of ``features`` rows sharing an index; rows with index < 0 are skipped.
 
     Returns:

@@ -184,7 +184,7 @@ def write_drive_bag(
             if index == 0:
                 put(TF_STATIC_TOPIC, ns, bag.tf_message(static_transforms(frame.cameras), ns))
                 if labels:
-                    classes = Vocabulary.from_strings(list(frame.class_names)).as_dict()
+                    classes = Vocabulary.from_strings(frame.class_names).as_dict()
                     put(CLASSES_TOPIC, ns, bag.msg_class(bag.T_STRING)(data=json.dumps(classes)))
             put(CLOUD_TOPIC, ns, bag.cloud_msg(xyzi_points(frame.points), bag.header(ns, LIDAR_FRAME)))
             if labels:

@@ -80,7 +80,7 @@ def preview(args: argparse.Namespace) -> None:
     from clip3d_core.clip.vocabulary import Vocabulary
 
     sky = np.array([[135, 190, 235]], np.uint8)
-    colours = np.vstack([Vocabulary.from_strings(list(CLASS_NAMES)).colours, sky]).astype(np.uint8)
+    colours = np.vstack([Vocabulary.from_strings(CLASS_NAMES).colours, sky]).astype(np.uint8)
     frame = SyntheticWorld(_config(args)).frame(args.index)
     panels = []
     for image, labels in zip(frame.images, frame.pixel_labels):
