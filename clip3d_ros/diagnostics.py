@@ -150,6 +150,11 @@ class PipelineDiagnostics:
     def on_sync_reset(self) -> None:
         with self._lock:
             self.sync_resets += 1
+            # Rates come from stamp spans: windows mixing both sides of a 500 s jump read ~0 Hz.
+            self._cloud_stamps.clear()
+            self._out_stamps.clear()
+            for cam in self.cameras:
+                cam.stamps.clear()
 
     def on_vocabulary(self, version: int, names: Sequence[str]) -> None:
         with self._lock:

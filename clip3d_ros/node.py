@@ -2,10 +2,10 @@
 
 Data flow (callbacks never block; one worker thread runs the model):
 
-    /points ─┐                 ┌─ latest-only slot ─► worker: decode, cameras, Segmenter.segment,
-    images ──┼─► CloudCameraSync┘   (older frame        build cloud, publish ~/labels_meta + output
-    infos ───┘   (approx. time,      dropped, counted)
-                 camera timeout)
+    /points ─┐                 ┌─ latest release ───► worker: decode, cameras, Segmenter.segment,
+    images ──┼─► CloudCameraSync┘   (frames still       build cloud, publish ~/labels_meta + output
+    infos ───┘   (approx. time,      waiting from an
+                 camera timeout)     older one: dropped, counted)
     parameter `vocabulary` ─► on-set validation ─► encoder thread (encode_vocabulary) ─► worker
                               swaps it in between two frames, publishes ~/vocabulary, then labels.
 
@@ -38,6 +38,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -86,7 +87,9 @@ SYNC_POLL_PERIOD_S = 0.02
 
 
 class SegmenterLike(Protocol):
-    """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests)."""
+    """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests). An
+    optional `check_vocabulary(names)` raising `VocabularyError` lets live changes be rejected up
+    front (an embedding bank lacking a class) rather than fail later on the encoder thread."""
 
     def encode_vocabulary(self, names: list[str]) -> tuple[Any, Any]: ...
 
@@ -138,6 +141,15 @@ class Clip3DNode(Node):
     is loaded with `Segmenter.from_checkpoint`."""
 
     def __init__(self, segmenter: SegmenterLike | None = None, **node_kwargs: Any) -> None:
+        # Worker / encoder hand-over state (guarded by the two conditions); set first, so that
+        # destroy_node works on a node whose construction failed (bad parameters, no checkpoint).
+        self._stop = False
+        self._work = threading.Condition()
+        self._pending_frames: deque[SyncedFrame] = deque()
+        self._pending_swap: tuple[Any, Any] | None = None
+        self._encode = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._encoder: threading.Thread | None = None
         super().__init__(NODE_NAME, **node_kwargs)
         self.params: NodeParams = declare_parameters(self)
         p = self.params
@@ -169,12 +181,6 @@ class Clip3DNode(Node):
         self._vocab_pub = self.create_publisher(String, VOCABULARY_TOPIC, vocabulary_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
-        # Worker / encoder hand-over state (guarded by the two conditions).
-        self._stop = False
-        self._work = threading.Condition()
-        self._pending_frame: SyncedFrame | None = None
-        self._pending_swap: tuple[Any, Any] | None = None
-        self._encode = threading.Condition()
         self._vocab_request: list[str] | None = None
         self.active_vocabulary: Any = None
         self._install_vocabulary(*self._encode_or_fail(p.vocabulary))
@@ -193,9 +199,14 @@ class Clip3DNode(Node):
             self.create_subscription(
                 CameraInfo, cam.info_topic, self._info_callback(i), p.qos_image.profile()
             )
+        # Steady timers: on the ROS clock they would stop with /clock (end of a bag, a replay
+        # without --clock), taking camera timeouts and /diagnostics with them.
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
         if p.cameras:
-            self.create_timer(SYNC_POLL_PERIOD_S, self._guarded("sync", self._poll_sync))
-        self.create_timer(p.diagnostics_period, self._guarded("diagnostics", self._publish_diagnostics))
+            self.create_timer(SYNC_POLL_PERIOD_S, self._guarded("sync", self._poll_sync), clock=steady)
+        self.create_timer(
+            p.diagnostics_period, self._guarded("diagnostics", self._publish_diagnostics), clock=steady
+        )
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._on_parameters_set)
 
@@ -240,7 +251,7 @@ class Clip3DNode(Node):
         with self._encode:
             self._encode.notify_all()
         for t in (self._worker, self._encoder):
-            if t.is_alive() and t is not threading.current_thread():
+            if t is not None and t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=10.0)
         super().destroy_node()
 
@@ -311,8 +322,11 @@ class Clip3DNode(Node):
         if not frames:
             return
         with self._work:
-            dropped = len(frames) - 1 + (self._pending_frame is not None)
-            self._pending_frame = frames[-1]
+            # Frames released together are all kept (a cloud whose image was lost goes out with the
+            # next matched one); frames still waiting from before are superseded, so the backlog
+            # never outgrows one release and latency stays bounded when the model is slow.
+            dropped = len(self._pending_frames)
+            self._pending_frames = deque(frames)
             self._work.notify_all()
         if dropped:
             self.diagnostics.on_dropped(dropped)
@@ -323,6 +337,13 @@ class Clip3DNode(Node):
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         reason = validate_change(params)
+        check = getattr(self._segmenter, "check_vocabulary", None)  # optional in SegmenterLike
+        for p in params:
+            if reason is None and p.name == "vocabulary" and check is not None:
+                try:
+                    check(list(p.value))
+                except VocabularyError as exc:  # e.g. a class missing from the embedding bank
+                    reason = f"vocabulary rejected: {exc}"
         return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
@@ -375,12 +396,12 @@ class Clip3DNode(Node):
     def _work_loop(self) -> None:
         while True:
             with self._work:
-                while self._pending_frame is None and self._pending_swap is None and not self._stop:
+                while not self._pending_frames and self._pending_swap is None and not self._stop:
                     self._work.wait()
                 if self._stop:
                     return
                 swap, self._pending_swap = self._pending_swap, None
-                frame, self._pending_frame = self._pending_frame, None
+                frame = self._pending_frames.popleft() if self._pending_frames else None
             if swap is not None:  # between frames: no frame sees two vocabularies
                 try:
                     self._install_vocabulary(*swap)
@@ -489,9 +510,11 @@ class Clip3DNode(Node):
             try:
                 rgb = msg_to_rgb(image)
                 camera = self._camera_model(i, image, rgb.shape[:2], cloud)
-            except (ImageFormatError, CalibrationError) as exc:
-                self.diagnostics.on_camera_error(i, str(exc))
-                self._throttled(f"camera-{i}", f"camera {self._cameras[i].params.name}: {exc}")
+            except Exception as exc:  # a broken camera never costs the cloud: it goes out without it
+                known = isinstance(exc, (ImageFormatError, CalibrationError))
+                why = str(exc) if known else f"{type(exc).__name__}: {exc}"
+                self.diagnostics.on_camera_error(i, why)
+                self._throttled(f"camera-{i}", f"camera {self._cameras[i].params.name}: {why}")
                 continue
             images.append(rgb)
             cameras.append(camera)

@@ -16,13 +16,16 @@ Two layers:
   messages as "oldest" forever).
 
 Stamps are header stamps; `now_ns` is the caller's clock (the node's ROS clock, sim-time aware)
-and is used only for the camera timeout.
+and is used only for the camera timeout. A steady backstop (`STEADY_BACKSTOP_S` of this host's
+monotonic time since arrival) releases clouds even when that clock stands still: a bag's /clock
+ends with its last message, and `ros2 bag play` without `--clock` never starts one.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,6 +43,7 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
+STEADY_BACKSTOP_S = 1.0  # floor of the steady-time camera timeout (see the module docstring)
 
 
 class Matcher(Protocol):
@@ -186,6 +190,7 @@ class _Pending:
     cloud: Any
     stamp_ns: int
     receipt_ns: int
+    steady_ns: int  # this host's monotonic clock at arrival (the backstop)
 
 
 class CloudCameraSync:
@@ -242,7 +247,9 @@ class CloudCameraSync:
             out = self._check_jump(0, stamp_ns)
             if self.num_cameras == 0:
                 return [*out, SyncedFrame(cloud, stamp_ns, now_ns, (), True)]
-            self._pending[stamp_ns] = _Pending(cloud, stamp_ns, now_ns)
+            if stamp_ns in self._pending:  # a second cloud with this stamp: the first goes out as is
+                out.append(self._partial(self._pending.pop(stamp_ns)))
+            self._pending[stamp_ns] = _Pending(cloud, stamp_ns, now_ns, time.monotonic_ns())
             self._pending.move_to_end(stamp_ns)
             out += self._match(0, stamp_ns, cloud)
             out += self._release(now_ns)
@@ -328,6 +335,7 @@ class CloudCameraSync:
 
     def _release(self, now_ns: int) -> list[SyncedFrame]:
         timeout_ns = round(self.camera_timeout * NS)
+        steady_now, backstop_ns = time.monotonic_ns(), round(max(self.camera_timeout, STEADY_BACKSTOP_S) * NS)
         keys = sorted(self._pending)
         last = -1  # release every cloud up to the newest one that is due (stamp order)
         for i, key in enumerate(keys):
@@ -337,6 +345,7 @@ class CloudCameraSync:
             due = (
                 len(keys) - i > self.queue_size
                 or now_ns - p.receipt_ns >= timeout_ns
+                or steady_now - p.steady_ns >= backstop_ns
                 or all(self._decided(c, p.stamp_ns) for c in range(self.num_cameras))
             )
             if due:

@@ -54,7 +54,7 @@ class FakeSegmenter:
         return None if self._state is None else self._state[0]
 
     def encode_vocabulary(self, names: list[str]) -> tuple[Vocabulary, np.ndarray]:
-        vocab = Vocabulary.from_strings(list(names), version=next(self._versions))
+        vocab = Vocabulary.from_strings(names, version=next(self._versions))
         time.sleep(self.encode_delay_s)
         with self._lock:
             self.encoded[vocab.version] = vocab.to_strings()

@@ -30,7 +30,7 @@ from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from clip3d_core.clip import Vocabulary  # noqa: E402
+from clip3d_core.clip import Vocabulary, VocabularyError  # noqa: E402
 from clip3d_ros import conversions as cv  # noqa: E402
 from clip3d_ros.node import Clip3DNode  # noqa: E402
 from clip3d_ros.testing import FakeSegmenter, fake_labels, ros_domain_id, wait_for  # noqa: E402
@@ -373,6 +373,39 @@ def test_cameras_used_missing_and_broken(harness) -> None:
     assert levels["clip3d: camera front"] == 0  # and it clears once they stop
 
 
+def test_a_lost_image_costs_no_cloud(harness) -> None:
+    """A cloud whose image was lost leaves together with the next matched cloud: both are labelled
+    (the worker is idle, so nothing is superseded) and nothing counts as dropped."""
+    seg = FakeSegmenter()
+    h = harness(
+        seg,
+        **{
+            "cameras.names": ["front"],
+            "cameras.front.image_topic": "front/image",
+            "cameras.front.info_topic": "front/info",
+            "cameras.front.T_cam_lidar": T_CAM_LIDAR,
+            "sync.camera_timeout": 10.0,  # only the next image can decide the first cloud
+        },
+        vocabulary=["a", "b"],
+    )
+    img_pub, info_pub = h.publisher(Image, "front/image"), h.publisher(CameraInfo, "front/info")
+    info_pub.publish(info_msg(0.0))
+    wait_for(lambda: h.node._cameras[0].info is not None)
+    first, first_pts = cloud_msg(300.0, n=300)  # its image is lost
+    second, second_pts = cloud_msg(300.1, n=300, seed=1)
+    h.cloud_pub.publish(first)
+    time.sleep(0.2)
+    h.cloud_pub.publish(second)
+    time.sleep(0.2)
+    assert not h.outputs
+    img_pub.publish(image_msg(300.1))  # completes the second, decides the first: both at once
+    assert wait_for(lambda: len(h.outputs) == 2), f"{len(h.outputs)} labelled clouds"
+    for out, pts, cameras in ((h.outputs[0], first_pts, []), (h.outputs[1], second_pts, ["front"])):
+        check_labelled(out, pts, ["a", "b"])
+        assert h.meta_for(out)["cameras_used"] == cameras
+    assert h.node.diagnostics.dropped == 0
+
+
 def test_compressed_camera(harness) -> None:
     from PIL import Image as PILImage
 
@@ -483,6 +516,28 @@ def test_parameter_changes_are_validated_with_reasons(harness) -> None:
     assert h.node.describe_parameter("checkpoint").read_only
 
 
+class BankSegmenter(FakeSegmenter):
+    """A fake whose text comes from a fixed bank of phrases, as with the `embedding_bank` parameter."""
+
+    BANK = frozenset({"car", "road", "tree"})
+
+    def check_vocabulary(self, names: list[str]) -> None:
+        missing = {s for n in names for s in n.split("|")} - self.BANK
+        if missing:
+            raise VocabularyError(f"not in the embedding bank: {sorted(missing)}")
+
+
+def test_vocabulary_the_segmenter_cannot_encode_is_rejected_up_front(harness) -> None:
+    seg = BankSegmenter()
+    h = harness(seg, vocabulary=["car", "road"])
+    result = h.node.set_parameters([Parameter("vocabulary", value=["car", "forklift"])])[0]
+    assert not result.successful and "forklift" in result.reason
+    assert h.node.get_parameter("vocabulary").value == ["car", "road"]  # still the one in force
+    assert h.node.set_parameters([Parameter("vocabulary", value=["tree", "car"])])[0].successful
+    assert wait_for(lambda: h.maps and [e["name"] for e in h.maps[-1]["entries"]] == ["tree", "car"])
+    assert sorted(seg.encoded) == [1, 2]  # the rejected one was never encoded
+
+
 def test_skips_work_without_subscribers(harness) -> None:
     seg = FakeSegmenter()
     h = harness(seg, subscribe=False)
@@ -524,7 +579,9 @@ def test_sim_time_latency_and_looped_bag_reset(harness) -> None:
     for k in range(3):  # the bag loops: stamps jump back 500 s
         assert tick(0.5 + 0.1 * k)["cameras_used"] == ["front"]
     assert h.node.diagnostics.sync_resets == 1
-    assert h.node.diagnostics.snapshot()["frames"] == 6
+    snap = h.node.diagnostics.snapshot()
+    assert snap["frames"] == 6
+    assert 5.0 < snap["rate_in_hz"] < 20.0  # 10 Hz from the stamps since the jump, not 500 s spans
 
 
 def test_diagnostics_report_budget_and_vocabulary(harness) -> None:

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from clip3d_ros import sync as sync_module
 from clip3d_ros.sync import ApproximateTimeSynchronizer, CloudCameraSync, message_filters_available
 
 MS = 1_000_000
@@ -191,6 +192,25 @@ def test_receipt_clock_jump_back_does_not_freeze_timeouts() -> None:
     sync.add_cloud("c", 0, 5000 * MS)
     assert sync.poll(10 * MS) == []  # ROS clock jumped back (sim time loop): re-anchored...
     assert [f.cloud for f in sync.poll(110 * MS)] == ["c"]  # ...and times out from there
+
+
+def test_two_clouds_with_one_stamp_both_come_out() -> None:
+    sync = CloudCameraSync(1, queue_size=10, slop=SLOP, camera_timeout=5.0)
+    assert sync.add_cloud("first", 1000 * MS, 0) == []
+    out = sync.add_cloud("second", 1000 * MS, 0)  # a driver or bag repeating a stamp
+    assert [(f.cloud, f.matched) for f in out] == [("first", False)]
+    assert [(f.cloud, f.matched) for f in sync.add_image(0, "img", 1000 * MS, 0)] == [("second", True)]
+
+
+def test_steady_backstop_releases_clouds_when_the_ros_clock_stands_still(monkeypatch) -> None:
+    steady = [0]
+    monkeypatch.setattr(sync_module.time, "monotonic_ns", lambda: steady[0])
+    sync = CloudCameraSync(1, queue_size=10, slop=SLOP, camera_timeout=0.15)
+    sync.add_cloud("last", 20_000 * MS, 20_000 * MS)  # the bag's last cloud; its image never comes
+    steady[0] = round((sync_module.STEADY_BACKSTOP_S - 0.01) * 1e9)
+    assert sync.poll(20_000 * MS) == []  # /clock has stopped: sim time stands at the last message
+    steady[0] = round(sync_module.STEADY_BACKSTOP_S * 1e9)
+    assert [(f.cloud, f.matched) for f in sync.poll(20_000 * MS)] == [("last", False)]
 
 
 @pytest.mark.skipif(not message_filters_available(), reason="message_filters not installed (ROS apt only)")
