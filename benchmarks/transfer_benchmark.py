@@ -11,11 +11,15 @@ seen mIoU / unseen mIoU / hIoU on held-out frames with full ground truth:
   (e) (d) + self-training (stage 2, continued from (d)'s model)
   (f) annotation-free: no ground truth at all, pseudo labels + MCFA + self-training
 
-Scored twice: on all points, and on camera-visible points only (the region the teacher can label).
-Prints Markdown + JSON and saves both under benchmarks/results/. A script, not a test:
+Every trained row is trained once per seed (--seeds, default 0 1 2) and reported as mean ± std:
+at this CPU-sized budget one run's seen mIoU moves by up to ~14 points between seeds, more than
+most differences between rows. Scored twice: on all points, and on camera-visible points only (the
+region the teacher can label). Prints Markdown + JSON and saves both under benchmarks/results/.
+A script, not a test:
 
-  .venv/bin/python benchmarks/transfer_benchmark.py            # ~25 min on 1 CPU core
-  .venv/bin/python benchmarks/transfer_benchmark.py --rows a c --set trainer.iterations=50
+  .venv/bin/python benchmarks/transfer_benchmark.py --jobs 2   # 3 seeds: ~17 min on 2 CPU cores
+  .venv/bin/python benchmarks/transfer_benchmark.py --jobs 2 --seeds 0 1 2 3 4   # 29 min
+  .venv/bin/python benchmarks/transfer_benchmark.py --rows a c --seeds 0 --set trainer.iterations=50
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import platform
+import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +67,38 @@ RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 
 
+METRICS = ("miou_seen", "miou_unseen", "hiou", "miou", "accuracy")
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(stats: dict[str, float | None]) -> str:
+    if stats["mean"] is None:
+        return "–"
+    return _pct(stats["mean"]) + (f" ± {_pct(stats['std'])}" if stats["n"] > 1 else "")
 
 
 def _table(results: dict[str, dict[str, Any]], scope: str) -> str:
     lines = ["| method | seen mIoU | unseen mIoU | hIoU | mIoU |", "|---|---:|---:|---:|---:|"]
     for row, r in results.items():
-        m = r[scope]
-        lines.append(f"| {ROWS[row]} | {_pct(m['miou_seen'])} | {_pct(m['miou_unseen'])} | {_pct(m['hiou'])} "
-                     f"| {_pct(m['miou'])} |")
+        m = r[scope]["stats"]
+        lines.append(f"| {ROWS[row]} | " + " | ".join(_cell(m[k]) for k in METRICS[:4]) + " |")
     return "\n".join(lines)
 
 
 def _unseen_table(results: dict[str, dict[str, Any]], names: list[str], scope: str) -> str:
     lines = ["| method | " + " | ".join(names) + " |", "|---" + "|---:" * len(names) + "|"]
     for row, r in results.items():
-        iou = r[scope]["unseen_iou"]
+        iou = r[scope]["unseen_iou_mean"]
         lines.append(f"| {ROWS[row]} | " + " | ".join(_pct(iou[n]) for n in names) + " |")
     return "\n".join(lines)
 
@@ -86,6 +109,36 @@ def _record(report: EvaluationReport) -> dict[str, Any]:
             "iou": dict(zip(report.class_names, report.iou))}
 
 
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over seeds of each summary metric and of each unseen class's IoU."""
+    stats = {}
+    for k in METRICS:
+        mean, std = _mean_std([r[k] for r in per_seed])
+        stats[k] = {"mean": mean, "std": std, "n": len(per_seed)}
+    names = list(per_seed[0]["unseen_iou"])
+    return {"stats": stats,
+            "unseen_iou_mean": {n: _mean_std([r["unseen_iou"][n] for r in per_seed])[0] for n in names},
+            "per_seed": per_seed}
+
+
+def _train(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
+    """One training run (in a worker process when --jobs > 1)."""
+    config, overrides, out_dir = job
+    if not logging.getLogger().handlers:
+        fmt = f"%(asctime)s %(levelname)s [{out_dir.name}] %(name)s: %(message)s"
+        logging.basicConfig(level=logging.INFO, format=fmt)
+    w, c = time.perf_counter(), time.process_time()
+    result = Trainer(load_train_config(config, overrides), out_dir=out_dir).fit()
+    return {
+        "iterations": result.iterations,
+        "wall_s": round(time.perf_counter() - w, 1),
+        "cpu_s": round(time.process_time() - c, 1),
+        "metrics_at_stage_end": result.metrics,
+        "last_logged": result.history[-1] if result.history else {},
+        "out_dir": str(result.out_dir),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every run (e.g. trainer.iterations=50)")
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=sorted(ROWS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds; every row is trained once per seed, reported as mean ± std")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at once, each in its own process (trainer.cpu_threads each)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/clip3d_transfer_benchmark"),
                         help="run directories (checkpoints, TensorBoard)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/clip3d_bench_frames"),
@@ -106,52 +163,54 @@ def main(argv: list[str] | None = None) -> int:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     base = [f"data.cache_dir={args.cache_dir}", *args.overrides]
     cfg = load_train_config(args.config, base)
-    runs_info: dict[str, Any] = {}
-    checkpoints: dict[str, Path] = {}
-    trainer = None
-    for run, (overrides, rows) in RUNS.items():
-        if not set(rows) & set(args.rows):
-            continue
-        run_cfg = load_train_config(args.config, [*base, *overrides, f"name=bench_{run}"])
-        w, c = time.perf_counter(), time.process_time()
-        trainer = Trainer(run_cfg, out_dir=args.work_dir / run)
-        result = trainer.fit()
-        runs_info[run] = {
-            "overrides": overrides,
-            "iterations": result.iterations,
-            "wall_s": round(time.perf_counter() - w, 1),
-            "cpu_s": round(time.process_time() - c, 1),
-            "metrics_at_stage_end": result.metrics,
-            "last_logged": result.history[-1] if result.history else {},
-        }
-        checkpoints.update({row: result.out_dir / name for row, name in rows.items()})
-        log.info("run %s: %s", run, runs_info[run]["metrics_at_stage_end"])
+    # Built once for evaluation (teacher, text, held-out frames); also caches the frames on disk
+    # before the training workers start, so they do not ray-cast the same frames concurrently.
+    evaluator = Trainer(load_train_config(args.config, [*base, "trainer.iterations=1"]),
+                        out_dir=args.work_dir / "evaluation")
+    jobs = {
+        (run, seed): (args.config, [*base, *overrides, f"trainer.seed={seed}", f"name=bench_{run}_s{seed}"],
+                      args.work_dir / f"{run}_s{seed}")
+        for seed in args.seeds
+        for run, (overrides, rows) in RUNS.items()
+        if set(rows) & set(args.rows)
+    }
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = dict(zip(jobs, pool.map(_train, jobs.values())))
+    else:
+        done = {key: _train(job) for key, job in jobs.items()}
+    train_cpu = sum(info["cpu_s"] for info in done.values())  # workers' CPU is not this process's
+    for (run, seed), info in done.items():
+        log.info("run %s seed %d: %s", run, seed, info["metrics_at_stage_end"])
 
-    # One evaluation pass over the held-out frames for every row (teacher included).
-    if trainer is None:  # teacher-only invocation: build the pieces without training
-        trainer = Trainer(load_train_config(args.config, [*base, "trainer.iterations=1"]),
-                          out_dir=args.work_dir / "teacher_only")
-    device = trainer.device
-    predictors = {}
-    if "a" in args.rows:
-        if trainer.teacher is None:
-            raise SystemExit("row (a) needs a teacher: keep pseudo labels or MCFA enabled in the config")
-        predictors["a"] = teacher_predictor(trainer.teacher, trainer.text, cfg.pseudo.labels.temperature)
-    for row in args.rows:
-        if row in checkpoints:
-            model = load_checkpoint(checkpoints[row]).build_model(device)
-            predictors[row] = model_predictor(model, trainer.text, device)
-    split = trainer.split
-    results: dict[str, dict[str, Any]] = {row: {} for row in sorted(predictors)}
+    # One evaluation pass over the held-out frames per seed (the teacher row once: it has no seed).
+    device = evaluator.device
+    split = evaluator.split
+    per_seed: dict[str, dict[str, list[dict[str, Any]]]] = {}
     e0 = time.process_time()
-    for scope, visible in (("all_points", False), ("camera_visible", True)):
-        reports = evaluate(predictors, trainer.val_set, split.classes, split.unseen_ids, visible_only=visible)
-        for row, report in reports.items():
-            results[row][scope] = _record(report)
+    for i, seed in enumerate(args.seeds):
+        predictors = {}
+        if "a" in args.rows and i == 0:
+            if evaluator.teacher is None:
+                raise SystemExit("row (a) needs a teacher: keep pseudo labels or MCFA enabled in the config")
+            predictors["a"] = teacher_predictor(evaluator.teacher, evaluator.text,
+                                                cfg.pseudo.labels.temperature)
+        for run, (_, rows) in RUNS.items():
+            for row, name in rows.items():
+                if row in args.rows:
+                    model = load_checkpoint(Path(done[run, seed]["out_dir"]) / name).build_model(device)
+                    predictors[row] = model_predictor(model, evaluator.text, device)
+        for scope, visible in (("all_points", False), ("camera_visible", True)):
+            reports = evaluate(predictors, evaluator.val_set, split.classes, split.unseen_ids,
+                               visible_only=visible)
+            for row, report in reports.items():
+                per_seed.setdefault(row, {}).setdefault(scope, []).append(_record(report))
     eval_cpu = time.process_time() - e0
+    results = {row: {scope: _aggregate(recs) for scope, recs in per_seed[row].items()}
+               for row in sorted(per_seed)}
 
-    frames = [trainer.val_set[i] for i in range(len(trainer.val_set))]
-    params = sum(p.numel() for p in trainer.bare.parameters())
+    frames = [evaluator.val_set[i] for i in range(len(evaluator.val_set))]
+    params = sum(p.numel() for p in evaluator.bare.parameters())
     cams = cfg.data.synthetic.cameras
     sizes = {
         "train_frames": cfg.data.train_frames,
@@ -162,29 +221,37 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_iterations": cfg.trainer.iterations,
         "self_training_iterations": cfg.self_training.iterations,
         "batch_size": cfg.trainer.batch_size,
+        "seeds": args.seeds,
         "model_parameters": params,
-        "embed_dim": trainer.model_cfg.embed_dim,
-        "voxel_size": trainer.model_cfg.voxel_size,
-        "clip": str(trainer.loaded.identity),
+        "embed_dim": evaluator.model_cfg.embed_dim,
+        "voxel_size": evaluator.model_cfg.voxel_size,
+        "clip": str(evaluator.loaded.identity),
         "teacher": {"kind": cfg.teacher.kind, **cfg.teacher.options},
         "unseen_classes": list(split.unseen),
     }
     timing = {
         "wall_s": round(time.perf_counter() - wall0, 1),
-        "cpu_s": round(time.process_time() - cpu0, 1),
+        "cpu_s": round(time.process_time() - cpu0 + (train_cpu if args.jobs > 1 else 0.0), 1),
+        "training_cpu_s": round(train_cpu, 1),
         "evaluation_cpu_s": round(eval_cpu, 1),
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} python {sys.version.split()[0]} torch {torch.__version__}",
+        "jobs": args.jobs,
+        "torch_threads_per_run": cfg.trainer.cpu_threads or torch.get_num_threads(),
+        "machine": f"{platform.machine()} ({os.cpu_count()} cores) python {sys.version.split()[0]} "
+                   f"torch {torch.__version__}",
     }
+    runs_info = {f"{run}_s{seed}": {"overrides": RUNS[run][0], **info} for (run, seed), info in done.items()}
     record = {"benchmark": "transfer", "config": str(args.config), "overrides": args.overrides,
               "sizes": sizes, "timing": timing, "results": results, "runs": runs_info}
 
-    unseen_names = list(split.unseen)
+    per_run = {run: statistics.fmean(done[run, s]["cpu_s"] for s in args.seeds)
+               for run in RUNS if (run, args.seeds[0]) in done}
     md = "\n".join([
         "# Transfer benchmark (synthetic world, SIMULATED teacher)",
         "",
-        "Held-out frames with full ground truth; IoU in %. The teacher is a simulation of dense CLIP",
-        "built from rendered labels (patch blur, noise, object-level confusions), not CLIP itself.",
+        "Held-out frames with full ground truth; IoU in %, mean ± sample std over "
+        f"{len(args.seeds)} training seed(s) {args.seeds}.",
+        "The teacher is a simulation of dense CLIP built from rendered labels (patch blur, noise,",
+        "object-level confusions), not CLIP itself; its row has no seed.",
         "",
         "## All points",
         "",
@@ -194,20 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         _table(results, "camera_visible"),
         "",
-        "## Unseen classes, IoU (all points)",
+        "## Unseen classes, mean IoU (all points)",
         "",
-        _unseen_table(results, unseen_names, "all_points"),
+        _unseen_table(results, list(split.unseen), "all_points"),
         "",
         "## Sizes and time",
         "",
         f"- frames: {sizes['train_frames']} train / {sizes['val_frames']} held-out, "
         f"{sizes['points_per_frame_mean']} points per frame, cameras {', '.join(sizes['cameras'])}",
         f"- training: {sizes['stage1_iterations']} stage-1 iterations (+{sizes['self_training_iterations']} "
-        f"self-training) x {sizes['batch_size']} frames; 3D model {params:,} parameters, "
+        f"self-training) x {sizes['batch_size']} frames, per seed; 3D model {params:,} parameters, "
         f"{sizes['voxel_size']} m voxels, D = {sizes['embed_dim']}",
-        f"- time: {timing['cpu_s']:.0f} s CPU, {timing['wall_s']:.0f} s wall, "
-        f"{timing['torch_threads']} torch thread(s); per run: "
-        + ", ".join(f"{k} {v['cpu_s']:.0f} s" for k, v in runs_info.items()),
+        f"- time: {timing['cpu_s']:.0f} s CPU, {timing['wall_s']:.0f} s wall, {args.jobs} run(s) at once, "
+        f"{timing['torch_threads_per_run']} torch thread(s) each; mean CPU per training run: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in per_run.items()),
         "",
     ])
     print(md)
