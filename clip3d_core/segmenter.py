@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip3d_core.checkpoint import load_checkpoint
+from clip3d_core.checkpoint import CheckpointError, load_checkpoint
 from clip3d_core.clip import (
     UNLABELLED,
     ClipConfig,
@@ -47,6 +47,7 @@ from clip3d_core.model import Clip3DNet, PointOutput
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_BANK = "checkpoint"  # embedding_bank value: the text bank stored in the checkpoint itself
 VocabularyLike = Vocabulary | Sequence[str]
 
 
@@ -157,13 +158,19 @@ class Segmenter:
         ``clip`` overrides the checkpoint's CLIP config (e.g. a local weights file on the vehicle);
         its identity must match the checkpoint's (`CheckpointError` otherwise). With
         ``embedding_bank`` the text tower is not used: vocabulary names are looked up in the bank
-        (same identity required). CLIP is loaded only where needed (text tower without a bank, image
+        (same identity required); ``embedding_bank="checkpoint"`` (`CHECKPOINT_BANK`) takes the bank
+        the checkpoint stores (its training vocabulary's phrases), so a non-fusion model runs with
+        no CLIP weights at all. CLIP is loaded only where needed (text tower without a bank, image
         tower for fusion models). ``vocabulary`` defaults to the checkpoint's, if it stored one.
         """
         ckpt = load_checkpoint(path)
         model = ckpt.build_model(device)
         bank = None
-        if embedding_bank is not None:
+        if isinstance(embedding_bank, str) and embedding_bank == CHECKPOINT_BANK:
+            if ckpt.text_bank is None:
+                raise CheckpointError(f"{path} stores no text embedding bank: give a bank file or use CLIP")
+            bank = ckpt.text_bank
+        elif embedding_bank is not None:
             bank = (
                 embedding_bank
                 if isinstance(embedding_bank, EmbeddingBank)

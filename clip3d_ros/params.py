@@ -121,7 +121,11 @@ def _specs() -> list[_Spec]:
             "checkpoint", "", "clip3d checkpoint (.pt) to label with; required unless a segmenter is injected"
         ),
         _Spec("device", "cpu", "torch device for the model, e.g. cpu or cuda:0"),
-        _Spec("embedding_bank", "", "optional precomputed text embedding bank (.pt); '' = encode with CLIP"),
+        _Spec(
+            "embedding_bank",
+            "",
+            "optional text embedding bank (.pt), 'checkpoint' for the checkpoint's own; '' = CLIP text tower",
+        ),
         _Spec(
             "vocabulary",
             DEFAULT_VOCABULARY,

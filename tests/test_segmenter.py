@@ -16,6 +16,7 @@ import torch
 
 import clip3d_core  # noqa: F401
 from clip3d_core import SegmentationResult, Segmenter
+from clip3d_core import segmenter as segmenter_module
 from clip3d_core.checkpoint import (
     CheckpointError,
     build_untrained_checkpoint,
@@ -160,7 +161,7 @@ def test_reloaded_checkpoint_is_bit_identical(
 
 
 def test_embedding_bank_matches_text_tower(
-    ckpt: Path, scan: np.ndarray, clean: SegmentationResult, tmp_path: Path
+    ckpt: Path, scan: np.ndarray, clean: SegmentationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bank = EmbeddingBank.from_text_encoder(TextEncoder(load_clip(tiny_clip_config())), [*VOCAB, "truck"])
     bank_path = bank.save(tmp_path / "bank.pt")
@@ -176,6 +177,18 @@ def test_embedding_bank_matches_text_tower(
         seg.check_vocabulary(["car", "giraffe"])
     seg.check_vocabulary(["truck", "car"])
     assert seg.vocabulary is before
+
+    # The bank a (training) checkpoint stores: a vehicle needs no CLIP weights at all.
+    c = load_checkpoint(ckpt)
+    stored = save_checkpoint(tmp_path / "with_bank.pt", c.build_model(), c.model_config, c.clip_config,
+                             c.identity, vocabulary=VOCAB, text_bank=bank)
+    monkeypatch.setattr(segmenter_module, "load_clip", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    offline = Segmenter.from_checkpoint(stored, embedding_bank="checkpoint")
+    assert np.array_equal(offline.segment(scan).labels, clean.labels)
+    with pytest.raises(CheckpointError, match="no text embedding bank"):
+        Segmenter.from_checkpoint(ckpt, embedding_bank="checkpoint")
+    monkeypatch.undo()
+
     foreign = EmbeddingBank(bank.names, bank.vectors, ClipIdentity("clip3d-tiny", "random:9", D))
     with pytest.raises(CheckpointError, match="identity mismatch"):
         Segmenter.from_checkpoint(ckpt, embedding_bank=foreign)

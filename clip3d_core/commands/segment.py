@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--vocabulary-file", type=Path, help="one entry per line ('#' starts a comment)")
     parser.add_argument(
-        "--embedding-bank", type=Path, help="text embedding bank instead of the CLIP text tower"
+        "--embedding-bank",
+        help="text embedding bank (.pt) instead of the CLIP text tower; 'checkpoint': the checkpoint's own",
     )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument(

@@ -292,7 +292,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="class entries, synonyms joined by '|' (default: the checkpoint's)",
     )
-    parser.add_argument("--embedding-bank", default=None, help="precomputed text embedding bank (.pt)")
+    parser.add_argument(
+        "--embedding-bank", default=None,
+        help="precomputed text embedding bank (.pt); 'checkpoint': the checkpoint's own",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--score-threshold", type=float, default=None)
     parser.add_argument("--cloud-topic", default="/lidar/points")
