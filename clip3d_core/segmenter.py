@@ -166,7 +166,7 @@ class Segmenter:
         ckpt = load_checkpoint(path)
         model = ckpt.build_model(device)
         bank = None
-        if isinstance(embedding_bank, str) and embedding_bank == CHECKPOINT_BANK:
+        if embedding_bank == CHECKPOINT_BANK:
             if ckpt.text_bank is None:
                 raise CheckpointError(f"{path} stores no text embedding bank: give a bank file or use CLIP")
             bank = ckpt.text_bank
