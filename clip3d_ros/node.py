@@ -87,9 +87,9 @@ SYNC_POLL_PERIOD_S = 0.02
 
 
 class SegmenterLike(Protocol):
-    """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests). An
-    optional `check_vocabulary(names)` raising `VocabularyError` lets live changes be rejected up
-    front (an embedding bank lacking a class) rather than fail later on the encoder thread."""
+    """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests)."""
+
+    def check_vocabulary(self, names: list[str]) -> None: ...
 
     def encode_vocabulary(self, names: list[str]) -> tuple[Any, Any]: ...
 
@@ -337,13 +337,12 @@ class Clip3DNode(Node):
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         reason = validate_change(params)
-        check = getattr(self._segmenter, "check_vocabulary", None)  # optional in SegmenterLike
-        for p in params:
-            if reason is None and p.name == "vocabulary" and check is not None:
-                try:
-                    check(list(p.value))
-                except VocabularyError as exc:  # e.g. a class missing from the embedding bank
-                    reason = f"vocabulary rejected: {exc}"
+        vocabulary = next((p.value for p in params if p.name == "vocabulary"), None)
+        if reason is None and vocabulary is not None:
+            try:  # what only the segmenter knows, e.g. a class missing from its embedding bank
+                self._segmenter.check_vocabulary(list(vocabulary))
+            except VocabularyError as exc:
+                reason = f"vocabulary rejected: {exc}"
         return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:

@@ -53,6 +53,9 @@ class FakeSegmenter:
     def vocabulary(self) -> Vocabulary | None:
         return None if self._state is None else self._state[0]
 
+    def check_vocabulary(self, names: list[str]) -> None:
+        Vocabulary.from_strings(names)  # any valid vocabulary encodes
+
     def encode_vocabulary(self, names: list[str]) -> tuple[Vocabulary, np.ndarray]:
         vocab = Vocabulary.from_strings(names, version=next(self._versions))
         time.sleep(self.encode_delay_s)

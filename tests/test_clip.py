@@ -124,6 +124,7 @@ def test_identity_dict_round_trip():
     ident = ClipIdentity("ViT-B-16", "pretrained:openai", 512)
     assert ClipIdentity.from_dict(ident.as_dict()) == ident
     assert ClipIdentity.from_dict({**ident.as_dict(), "model_name": "ViT-B/16"}) == ident  # one model
+    assert ClipIdentity("ViT-B/16", "pretrained:openai", 512) == ident
     with pytest.raises(ClipLoadError):
         ClipIdentity.from_dict({"model_name": "x"})
 

@@ -60,13 +60,16 @@ class ClipIdentity:
     source: str  # "pretrained:<tag>" | "file:<sha256[:16]>" | "random:<seed>"
     embed_dim: int
 
+    def __post_init__(self) -> None:  # one spelling per model, however a config wrote it
+        object.__setattr__(self, "model_name", _canonical_name(self.model_name))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClipIdentity:
         try:
-            return cls(model_name=_canonical_name(str(data["model_name"])), source=str(data["source"]),
+            return cls(model_name=str(data["model_name"]), source=str(data["source"]),
                        embed_dim=int(data["embed_dim"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ClipLoadError(f"malformed CLIP identity {data!r}: {exc}") from exc
@@ -183,7 +186,7 @@ def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> LoadedClip
     pp = open_clip.get_model_preprocess_cfg(model)
     patch = getattr(visual, "patch_size", None)
     patch_size = None if patch is None else int(open_clip.utils.to_2tuple(patch)[0])
-    identity = ClipIdentity(_canonical_name(cfg.model_name), source, int(model_cfg["embed_dim"]))
+    identity = ClipIdentity(cfg.model_name, source, int(model_cfg["embed_dim"]))
     log.info("loaded CLIP %s on %s", identity, device)
     return LoadedClip(
         model=model,
