@@ -22,6 +22,16 @@ class PointOutput:
     valid: Tensor  # [N] bool: finite and inside the model's point range
 
 
+def voxelize_points(points: Tensor, cfg: ModelConfig, batch_index: Tensor | None = None) -> Voxelization:
+    """Assign points [N, >=3] to the model's voxel grid. Out-of-range points and points with any
+    non-finite input channel (e.g. a NaN intensity) are invalid: one NaN in a voxel mean would
+    spread through the convolutions to every neighbour."""
+    xyz = points[:, :3]
+    finite = torch.isfinite(points[:, : cfg.backbone.in_channels]).all(dim=1, keepdim=True)
+    xyz = torch.where(finite, xyz, torch.full_like(xyz, float("nan")))
+    return voxelize(xyz, cfg.voxel_size, cfg.point_range, batch_index)
+
+
 class Clip3DNet(nn.Module):
     """The 3D student: a point's feature is its voxel's U-Net feature concatenated with a small MLP
     of the raw point (and its offset inside the voxel), projected into CLIP's embedding space.
@@ -54,13 +64,7 @@ class Clip3DNet(nn.Module):
         return self.head.net[0].weight.dtype
 
     def voxelize(self, points: Tensor, batch_index: Tensor | None = None) -> Voxelization:
-        """Assign points [N, >=3] to the model's voxel grid. Out-of-range points and points with any
-        non-finite input channel (e.g. a NaN intensity) are invalid: one NaN in a voxel mean would
-        spread through the convolutions to every neighbour."""
-        xyz = points[:, :3]
-        finite = torch.isfinite(points[:, : self.cfg.backbone.in_channels]).all(dim=1, keepdim=True)
-        xyz = torch.where(finite, xyz, torch.full_like(xyz, float("nan")))
-        return voxelize(xyz, self.cfg.voxel_size, self.cfg.point_range, batch_index)
+        return voxelize_points(points, self.cfg, batch_index)
 
     def encode(self, points: Tensor, vox: Voxelization) -> PointOutput:
         """Per-point features from the 3D network alone. points [N, >= in_channels]."""
