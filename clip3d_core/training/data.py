@@ -29,8 +29,9 @@ from clip3d_core.data import (
     load_split,
 )
 from clip3d_core.data.semantickitti import SEQUENCE_SPLITS
+from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeacherConfig
 from clip3d_core.model import ModelConfig
-from clip3d_core.teacher import ClipTeacher, SimulatedTeacher, SimulatedTeacherConfig, Teacher
+from clip3d_core.teacher import ClipTeacher, Teacher
 from clip3d_core.training.config import DataConfig, TeacherConfig, TrainConfig
 
 log = logging.getLogger(__name__)
