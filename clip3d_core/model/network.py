@@ -40,11 +40,11 @@ class Clip3DNet(nn.Module):
     reuse point features across vocabularies; `forward` chains them for training.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         b = cfg.backbone
-        self.backbone = SparseUNet(b)
+        self.backbone = SparseUNet(b, backend)  # `sparse_backend.resolve` picks when None
         self.point_mlp = mlp(b.in_channels + 3, b.point_channels, b.point_channels, b.bn_eps, b.bn_momentum)
         self.head = ProjectionHead(b.out_channels + b.point_channels, cfg.head_hidden, cfg.embed_dim)
         self.fusion = GatedFusion(cfg.embed_dim, cfg.fusion_hidden) if cfg.fusion else None
@@ -55,6 +55,13 @@ class Clip3DNet(nn.Module):
     @property
     def temperature(self) -> Tensor:
         return self.classifier.temperature
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's compute dtype (fp16/bf16 after `.half()`/`.bfloat16()`): `encode` and `fuse`
+        cast their inputs to it and return float32 features, so voxelisation and classification
+        stay in float32 whatever the network runs in."""
+        return self.head.net[0].weight.dtype
 
     def voxelize(self, points: Tensor, batch_index: Tensor | None = None) -> Voxelization:
         return voxelize_points(points, self.cfg, batch_index)
@@ -73,9 +80,10 @@ class Clip3DNet(nn.Module):
         p = points.index_select(0, idx)[:, :c]
         p2v = vox.point_to_voxel.index_select(0, idx)
         voxel_in = voxel_mean(p, p2v, vox.coords.shape[0])
-        voxel_feat = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        dtype = self.dtype  # means and offsets in the input's precision, then cast (fp16 loses cm at 50 m)
+        voxel_feat = self.backbone(voxel_in.to(dtype), vox.coords, vox.spatial_shape, vox.batch_size)
         offset = (p[:, :3] - voxel_in.index_select(0, p2v)[:, :3]) / self.cfg.voxel_size
-        point_feat = self.point_mlp(torch.cat((p, offset), dim=1))
+        point_feat = self.point_mlp(torch.cat((p, offset), dim=1).to(dtype))
         f = self.head(torch.cat((voxel_feat.index_select(0, p2v), point_feat), dim=1))
         return PointOutput(out.index_copy(0, idx, f.to(out.dtype)), valid)
 
@@ -84,7 +92,9 @@ class Clip3DNet(nn.Module):
         if self.fusion is None:
             raise ValueError("this model was built with fusion=False; it takes no CLIP features")
         mask = out.valid if clip_mask is None else clip_mask & out.valid
-        return PointOutput(self.fusion(out.features, clip_features, mask), out.valid)
+        dtype = self.dtype
+        fused = self.fusion(out.features.to(dtype), clip_features.to(dtype), mask)
+        return PointOutput(fused.to(out.features.dtype), out.valid)
 
     def forward(
         self,
