@@ -14,6 +14,7 @@ CUDA ?=
 VENV ?= .venv
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
+DEVKIT := nuscenes-devkit==1.2.0
 
 SPCONV_EXTRA := $(if $(CUDA),$(CUDA),cpu)
 BIN := $(VENV)/bin
@@ -35,6 +36,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 torchvision==0.28.0
 	$(BIN)/pip install -q -e ".[$(SPCONV_EXTRA),ros,dev]"
+	# tests only: the PQ reference (PanopticEval, pure numpy); --no-deps as its pins (numpy<2, opencv)
+	# would downgrade the venv, and the tests load the evaluator file without the package __init__
+	$(BIN)/pip install -q --no-deps $(DEVKIT)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +40,10 @@ from clip3d_core.clip import (
     VocabularyError,
     load_clip,
 )
-from clip3d_core.clip.dense import DenseClipEncoder
+from clip3d_core.clip.dense import DenseClipEncoder, DenseFeatures
 from clip3d_core.geometry import PinholeCamera, project_points
 from clip3d_core.model import Clip3DNet, PointOutput
+from clip3d_core.runtime import Runtime, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -79,36 +79,13 @@ class SegmentationResult:
         return out
 
 
-class _Stopwatch:
-    """Stage timings in ms; synchronises CUDA so a stage is charged for its own kernels."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.times: dict[str, float] = {}
-        self._start = self._last = self._now()
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # this device's kernels, not the current device's
-        return time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = self._now()
-        self.times[stage] = (now - self._last) * 1e3
-        self._last = now
-
-    def total(self) -> dict[str, float]:
-        self.times["total"] = (self._now() - self._start) * 1e3
-        return self.times
-
-
 class Segmenter:
     """A trained `Clip3DNet` plus the text embeddings of the current vocabulary.
 
     Build with `from_checkpoint`. ``text_source`` (a `TextEncoder` or an `EmbeddingBank`) is needed
     only to encode new vocabularies; ``dense`` (a `DenseClipEncoder`) only for fusion models fed
     images. ``score_threshold``: labels scoring below it become unlabelled (score kept).
+    ``runtime`` (`RuntimeOptions`): precision, sparse backend, TF32, compile, streams, buffers.
     """
 
     def __init__(
@@ -122,14 +99,16 @@ class Segmenter:
         device: str | torch.device = "cpu",
         score_threshold: float | None = None,
         image_short_side: int | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> None:
         if identity.embed_dim != model.cfg.embed_dim:
             raise ValueError(f"model embed_dim {model.cfg.embed_dim} != CLIP {identity} embed_dim")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.runtime = Runtime(runtime or RuntimeOptions(), self.device)
+        self.model = self.runtime.prepare_model(model)
         self.identity = identity
         self.text_source = text_source
-        self.dense = None if dense is None else dense.to(self.device)
+        self.dense = None if dense is None else self.runtime.prepare_dense(dense)
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
@@ -152,6 +131,7 @@ class Segmenter:
         score_threshold: float | None = None,
         text_cache_dir: str | Path | None = None,
         image_short_side: int | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> Segmenter:
         """Load a checkpoint and what its text/image side needs.
 
@@ -206,6 +186,7 @@ class Segmenter:
             device=device,
             score_threshold=score_threshold,
             image_short_side=image_short_side,
+            runtime=runtime,
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -311,15 +292,32 @@ class Segmenter:
                 )
 
     # ------------------------------------------------------------------ inference
+    def _encode_images(self, images: Sequence[np.ndarray]) -> list[tuple[list[int], DenseFeatures]]:
+        """Dense CLIP features of every image: one batched ViT pass per image size."""
+        assert self.dense is not None
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for m, img in enumerate(images):
+            by_size.setdefault(img.shape[:2], []).append(m)
+        return [
+            (
+                members,
+                self.dense.encode(
+                    [images[m] for m in members],
+                    self.image_short_side,
+                    upload=lambda imgs, key=f"images{k}": self.runtime.buffers.upload(key, imgs),
+                ),
+            )
+            for k, members in enumerate(by_size.values())
+        ]
+
     def _image_features(
         self,
         xyz: torch.Tensor,
         valid: torch.Tensor,
-        images: Sequence[np.ndarray],
+        encoded: list[tuple[list[int], DenseFeatures]],
         cameras: Sequence[PinholeCamera],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense CLIP features sampled at each valid point's first visible camera -> ([N, D], mask [N])."""
-        assert self.dense is not None
         n, d = xyz.shape[0], self.model.cfg.embed_dim
         feats = xyz.new_zeros(n, d)
         mask = torch.zeros(n, dtype=torch.bool, device=xyz.device)
@@ -327,11 +325,7 @@ class Segmenter:
         if idx.numel() == 0:
             return feats, mask
         cam, uv = project_points(xyz.index_select(0, idx), list(cameras)).first_visible()
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for m, img in enumerate(images):
-            by_size.setdefault(img.shape[:2], []).append(m)
-        for members in by_size.values():  # one batched ViT pass per image size
-            dense = self.dense.encode([images[m] for m in members], self.image_short_side)
+        for members, dense in encoded:
             for b, m in enumerate(members):
                 sel = (cam == m).nonzero().squeeze(1)
                 if sel.numel():
@@ -377,25 +371,33 @@ class Segmenter:
         threshold = self.score_threshold if score_threshold is None else score_threshold
 
         n = pts.shape[0]
-        watch = _Stopwatch(self.device)
+        rt = self.runtime
+        watch = rt.timer()
         labels = np.full(n, UNLABELLED, dtype=np.uint16)
         scores = np.zeros(n, dtype=np.float32)
         with torch.inference_mode():
-            x = torch.from_numpy(pts).to(self.device)
+            x = rt.buffers.upload("points", pts)
             vox = self.model.voxelize(x)
             watch.lap("voxelise")
+            if use_images:  # the image tower runs on its own stream while the backbone runs
+                with rt.image_stream():
+                    encoded = self._encode_images(images)
             out: PointOutput = self.model.encode(x, vox)
             watch.lap("backbone")
             if use_images:
-                clip_feats, clip_mask = self._image_features(x[:, :3], out.valid, images, cameras)
+                rt.join_image_stream(*(dense.features for _, dense in encoded))
+                clip_feats, clip_mask = self._image_features(x[:, :3], out.valid, encoded, cameras)
                 out = self.model.fuse(out, clip_feats, clip_mask)
                 watch.lap("image")
             # Point features and text rows are unit length (zero for invalid points), so no renormalising.
             prob = self.model.logits(out.features, text, normalized=True).softmax(dim=1)
             score, label = prob.max(dim=1)
-            valid = out.valid.cpu().numpy()
-            labels[valid] = label.cpu().numpy()[valid].astype(np.uint16)
-            scores[valid] = score.float().cpu().numpy()[valid]
+            host = rt.buffers.download(
+                {"valid": out.valid, "label": label.to(torch.int32), "score": score.float()}
+            )
+            valid = host["valid"].copy()
+            labels[valid] = host["label"][valid].astype(np.uint16)
+            scores[valid] = host["score"][valid]
             features = out.features.float().cpu().numpy() if return_features else None
             watch.lap("classify")
         if threshold is not None:
