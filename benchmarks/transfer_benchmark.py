@@ -98,6 +98,7 @@ WORLDS: dict[str, tuple[Path, list[str]]] = {
 }
 
 
+RUN_RECORD = "benchmark_run.json"  # what _train returned, beside the run's checkpoints
 METRICS = ("miou_seen", "miou_unseen", "hiou", "miou", "accuracy")
 
 
@@ -152,15 +153,22 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             "per_seed": per_seed}
 
 
-def _train(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
-    """One training run (in a worker process when --jobs > 1)."""
-    config, overrides, out_dir = job
+def _train(job: tuple[Path, list[str], Path, bool]) -> dict[str, Any]:
+    """One training run (in a worker process when --jobs > 1); with ``reuse``, a run whose final
+    checkpoint is already in its directory is not trained again (an interrupted benchmark resumes)."""
+    config, overrides, out_dir, reuse = job
+    record = out_dir / RUN_RECORD
+    if reuse and (out_dir / "final.pt").is_file():
+        if record.is_file():
+            return json.loads(record.read_text())
+        return {"iterations": None, "wall_s": None, "cpu_s": None, "metrics_at_stage_end": {},
+                "last_logged": {}, "out_dir": str(out_dir)}
     if not logging.getLogger().handlers:
         fmt = f"%(asctime)s %(levelname)s [{out_dir.name}] %(name)s: %(message)s"
         logging.basicConfig(level=logging.INFO, format=fmt)
     w, c = time.perf_counter(), time.process_time()
     result = Trainer(load_train_config(config, overrides), out_dir=out_dir).fit()
-    return {
+    info = {
         "iterations": result.iterations,
         "wall_s": round(time.perf_counter() - w, 1),
         "cpu_s": round(time.process_time() - c, 1),
@@ -168,6 +176,8 @@ def _train(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
         "last_logged": result.history[-1] if result.history else {},
         "out_dir": str(result.out_dir),
     }
+    record.write_text(json.dumps(info, indent=2))
+    return info
 
 
 def _clutter_pseudo(evaluator: Trainer, rules: dict[str, list[str]], base: list[str], config: Path,
@@ -251,7 +261,7 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
     jobs = {
         (run, seed): (config, [*base, *overrides, f"trainer.seed={seed}",
                                f"name=bench_{world}_{run}_s{seed}"],
-                      work / f"{run}_s{seed}")
+                      work / f"{run}_s{seed}", args.reuse_runs)
         for seed in args.seeds
         for run, (overrides, rows) in RUNS.items()
         if set(rows) & set(args.rows)
@@ -261,7 +271,8 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
             done = dict(zip(jobs, pool.map(_train, jobs.values())))
     else:
         done = {key: _train(job) for key, job in jobs.items()}
-    train_cpu = sum(info["cpu_s"] for info in done.values())  # workers' CPU is not this process's
+    # Workers' CPU is not this process's; reused runs' CPU is unknown when they did not record it.
+    train_cpu = sum(info["cpu_s"] or 0.0 for info in done.values())
     for (run, seed), info in done.items():
         log.info("%s run %s seed %d: %s", world, run, seed, info["metrics_at_stage_end"])
 
@@ -334,8 +345,8 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
     record = {"benchmark": "transfer", "world": world, "config": str(config), "overrides": base[1:],
               "sizes": sizes, "timing": timing, "results": results, "clutter": clutter, "runs": runs_info}
 
-    per_run = {run: statistics.fmean(done[run, s]["cpu_s"] for s in args.seeds)
-               for run in RUNS if (run, args.seeds[0]) in done}
+    per_run = {run: statistics.fmean(cpu) for run in RUNS
+               if (cpu := [done[run, s]["cpu_s"] for s in args.seeds if done.get((run, s), {}).get("cpu_s")])}
     md = "\n".join([
         f"# Transfer benchmark, {world} world (synthetic, SIMULATED teacher)",
         "",
@@ -429,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ray-cast synthetic frames, reused across runs and invocations")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                         help="where transfer_benchmark_<world>.json/.md and transfer_benchmark_worlds.* go")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="keep runs whose final checkpoint is already in --work-dir (resume a benchmark)")
     parser.add_argument("--compare-only", action="store_true",
                         help="rebuild transfer_benchmark_worlds.* from the saved per-world results")
     parser.add_argument("--no-save", action="store_true", help="print only")
