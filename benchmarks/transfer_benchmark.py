@@ -416,10 +416,12 @@ def compare(records: dict[str, dict[str, Any]]) -> str:
         "",
         "Teacher per-point accuracy on camera-visible labelled points: " + ", ".join(teacher),
         "",
-        *[f"- {w}: config {records[w]['config'].rsplit('/', 1)[-1]}, "
-          f"{records[w]['sizes']['points_per_frame_mean']} points per frame, cameras "
+        *[f"- {w}: config {records[w]['config'].rsplit('/', 1)[-1]} {' '.join(records[w]['overrides'])}, "
+          f"{records[w]['sizes']['stage1_iterations']} + {records[w]['sizes']['self_training_iterations']} "
+          f"iterations, {records[w]['sizes']['points_per_frame_mean']} points per frame, cameras "
           f"{', '.join(records[w]['sizes']['cameras'])}, ignore-labelled "
-          f"{_pct(records[w]['clutter']['ignore_share_held_out'])} % of held-out points" for w in worlds],
+          f"{_pct(records[w].get('clutter', {}).get('ignore_share_held_out'))} % of held-out points"
+          for w in worlds],
         "",
     ])
 
