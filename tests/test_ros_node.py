@@ -946,3 +946,54 @@ def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> No
         recorded = deserialize_message(want, PointCloud2)  # (CDR alignment padding is not data)
         assert bytes(out.data) == bytes(recorded.data)
         assert out == recorded  # header, height, width, fields, endianness, steps, is_dense
+
+
+class _FakeTfBuffer:
+    """tf2_ros.Buffer's lookup_transform: a fixed transform, or the exception tf2 raises when
+    nothing is published; records the lookups."""
+
+    def __init__(self, T: np.ndarray | None) -> None:
+        self.T, self.lookups = T, []
+
+    def lookup_transform(self, target: str, source: str, when: Any) -> Any:
+        from geometry_msgs.msg import TransformStamped
+
+        from clip3d_ros.bag import quaternion_from_matrix
+
+        self.lookups.append((target, source, when.nanoseconds))
+        if self.T is None:
+            raise LookupError(f'"{target}" passed to lookupTransform argument target_frame does not exist')
+        msg = TransformStamped()
+        q = quaternion_from_matrix(self.T[:3, :3])
+        msg.transform.rotation.x, msg.transform.rotation.y, msg.transform.rotation.z = q[:3]
+        msg.transform.rotation.w = q[3]
+        msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = self.T[:3, 3]
+        return msg
+
+
+def test_tf_extrinsics_are_looked_up_at_the_cloud_stamp(harness) -> None:
+    h = _camera_harness(harness)
+    T_tf = np.array([[0.0, -1, 0, 0.5], [0, 0, -1, 0.2], [1, 0, 0, -0.1], [0, 0, 0, 1]])
+    h.node._tf_buffer = buffer = _FakeTfBuffer(T_tf)
+    meta = _camera_frame(h, 950.0, image_msg(950.0), info_msg(950.0))
+    assert meta["cameras_used"] == ["front"]
+    assert buffer.lookups == [("front_optical", "lidar", 950 * 10**9)]  # camera <- LiDAR at the cloud stamp
+    np.testing.assert_allclose(h.node._segmenter.last_cameras[0].T_cam_lidar, T_tf, atol=1e-12)
+
+
+def test_without_published_tf_the_static_extrinsics_are_used_and_it_is_logged_once(harness) -> None:
+    h = _camera_harness(harness)
+    h.node._tf_buffer = buffer = _FakeTfBuffer(None)
+    warnings: list[str] = []
+    logger = h.node.get_logger()
+    h.node.get_logger = lambda: type("L", (), {"warning": lambda _, m: warnings.append(m),
+                                                 "error": logger.error, "info": logger.info})()  # fmt: skip
+    for k in range(3):
+        meta = _camera_frame(h, 960.0 + k, image_msg(960.0 + k), info_msg(960.0 + k))
+        assert meta["cameras_used"] == ["front"]
+        np.testing.assert_allclose(
+            h.node._segmenter.last_cameras[0].T_cam_lidar, np.reshape(T_CAM_LIDAR, (4, 4))
+        )
+    assert len(buffer.lookups) == 3
+    tf_warnings = [w for w in warnings if "no TF" in w]
+    assert len(tf_warnings) == 1 and "static extrinsics" in tf_warnings[0]
