@@ -89,6 +89,7 @@ ROSDEP_KEYS = {
     "PIL": "python3-pil",
     "tqdm": "python3-tqdm",
     "matplotlib": "python3-matplotlib",
+    "scipy": "python3-scipy",
     "rosbags": "python3-rosbags-pip",
 }
 PIP_ONLY = {"torch", "torchvision", "open_clip", "spconv", "nuscenes"}  # documented in package.xml
