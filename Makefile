@@ -36,7 +36,6 @@ STAMP := $(VENV)/.installed-$(SPCONV_EXTRA)
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
-export FASTRTPS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
 export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
 
 .PHONY: venv test demo lint bench gpu-check clean
