@@ -138,6 +138,7 @@ class _Camera:
     resolver: CameraResolver
     info: CameraInfo | None = None
     kitti: dict[tuple[int, int], PinholeCamera] | None = None  # calibration file per image size
+    tf_fallbacks: int = 0  # frames whose TF lookup failed (static extrinsics used instead)
 
 
 def _stamp_ns(stamp: Any) -> int:
@@ -573,7 +574,12 @@ class Clip3DNode(Node):
                 camera_frame, lidar_frame, Time.from_msg(cloud.header.stamp)
             )
         except Exception as exc:  # tf2 raises several unrelated types; fall back to static extrinsics
-            self._throttled(f"tf-{cam.params.name}", f"TF {lidar_frame} -> {camera_frame}: {exc}", "warning")
+            cam.tf_fallbacks += 1
+            if cam.tf_fallbacks == 1:  # a tree that is simply not published would log every frame
+                self.get_logger().warning(
+                    f"camera {cam.params.name}: no TF {lidar_frame} -> {camera_frame} ({exc}); using the "
+                    "static extrinsics (T_cam_lidar / calibration_file). Logged once."
+                )
             return None
         return transform_to_matrix(tf.transform)
 

@@ -51,9 +51,10 @@ def model() -> Clip3DNet:
 
 # ---------------------------------------------------------------------- backend choice
 def fake_status(
-    monkeypatch: pytest.MonkeyPatch, spconv_cuda: bool, triton: bool, spconv: bool = True
+    monkeypatch: pytest.MonkeyPatch, spconv_cuda: bool, triton: bool, spconv: bool = True, cuda: bool = True
 ) -> None:
     monkeypatch.setattr(sparse_backend, "spconv_has_cuda", lambda: spconv_cuda)
+    monkeypatch.setattr(sparse_backend, "_cuda_available", lambda: cuda)
     monkeypatch.setattr(
         sparse_backend,
         "available",
@@ -72,6 +73,8 @@ def test_automatic_backend_prefers_spconv_cuda_then_triton_then_cpu_spconv(
     assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=True)
     assert sparse_backend.resolve() == "spconv_triton"
+    fake_status(monkeypatch, spconv_cuda=False, triton=True, cuda=False)  # installed, but no GPU
+    assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=False)
     assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=False, spconv=False)
@@ -88,7 +91,7 @@ def test_backend_setting_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(sparse_backend.SparseBackendError, match="not one of"):
         sparse_backend.resolve()
     fake_status(monkeypatch, spconv_cuda=False, triton=False)
-    with pytest.raises(sparse_backend.SparseBackendError, match="cannot run here: not installed"):
+    with pytest.raises(sparse_backend.SparseBackendError, match="cannot be used: not installed"):
         sparse_backend.resolve("spconv_triton")
     with pytest.raises(RuntimeOptionError, match="backend"):
         RuntimeOptions(backend="spconv-cu126")
