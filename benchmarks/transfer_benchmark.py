@@ -401,6 +401,13 @@ def compare(records: dict[str, dict[str, Any]]) -> str:
             m = records[w]["results"].get(row, {}).get("all_points", {}).get("stats")
             cells += ["–", "–"] if m is None else [_cell(m["miou_unseen"]), _cell(m["hiou"])]
         lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
+    unseen_names = list(records[worlds[0]]["sizes"]["unseen_classes"])
+    per_class = ["| method | " + " | ".join(f"{w} {n}" for w in worlds for n in unseen_names) + " |",
+                 "|---" + "|---:" * (len(worlds) * len(unseen_names)) + "|"]
+    for row in rows:
+        cells = [_pct(records[w]["results"][row]["all_points"]["unseen_iou_mean"].get(n))
+                 if row in records[w]["results"] else "–" for w in worlds for n in unseen_names]
+        per_class.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
     teacher = []
     for w in worlds:
         a = records[w]["results"].get("a", {}).get("camera_visible")
@@ -413,6 +420,10 @@ def compare(records: dict[str, dict[str, Any]]) -> str:
         f"Seeds per world: {seeds}. IoU in %, all points, mean ± sample std over seeds.",
         "",
         "\n".join(lines),
+        "",
+        "Unseen classes, mean IoU over seeds (all points):",
+        "",
+        "\n".join(per_class),
         "",
         "Teacher per-point accuracy on camera-visible labelled points: " + ", ".join(teacher),
         "",
@@ -469,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if not args.no_save:
         (args.results / "transfer_benchmark_worlds.json").write_text(
-            json.dumps({w: {k: r[k] for k in ("config", "overrides", "sizes", "results", "clutter")}
+            json.dumps({w: {k: r.get(k) for k in ("config", "overrides", "sizes", "results", "clutter")}
                         for w, r in records.items()}, indent=2))
         (args.results / "transfer_benchmark_worlds.md").write_text(md)
     return 0
