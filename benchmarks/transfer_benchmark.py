@@ -57,7 +57,7 @@ ROWS: dict[str, str] = {
     "e": "(e) + self-training",
     "f": "(f) annotation-free",
 }
-NO_MCFA = ["loss.w_sem=0", "loss.w_spa=0"]
+NO_MCFA = ["loss.semantic.weight=0", "loss.spatial.weight=0"]
 # Training runs: name -> (overrides on the benchmark config, {row: checkpoint file of the run}).
 RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
     "seen_gt": (["pseudo.enabled=false", *NO_MCFA, "self_training.enabled=false"], {"b": "final.pt"}),

@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from clip3d_core.checkpoint import CheckpointError, load_checkpoint
 from clip3d_core.clip import (
-    UNLABELLED,
     ClipConfig,
     ClipIdentity,
     EmbeddingBank,
@@ -42,8 +41,11 @@ from clip3d_core.clip import (
     load_clip,
 )
 from clip3d_core.clip.dense import DenseClipEncoder
-from clip3d_core.geometry import PinholeCamera, project_points
-from clip3d_core.model import Clip3DNet, PointOutput
+from clip3d_core.geometry import PinholeCamera
+from clip3d_core.labels import UNLABELLED
+from clip3d_core.model import Clip3DNet
+from clip3d_core.predictor import CameraFeatures, predict
+from clip3d_core.teacher import CameraView, ClipTeacher, frame_point_targets
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ class Segmenter:
         self.identity = identity
         self.text_source = text_source
         self.dense = None if dense is None else dense.to(self.device)
+        # CLIP features at points come from the teacher's code path, as in training.
+        self.teacher = None if self.dense is None else ClipTeacher(self.dense, short_side=image_short_side)
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
@@ -186,8 +190,9 @@ class Segmenter:
                         "no fusion", clip.model_name)
         text_source = bank if bank is not None else TextEncoder(loaded, cache_dir=text_cache_dir)
         # A fusion model reads CLIP features made the way its training teacher made them.
-        last_block = ckpt.meta.get("train_config", {}).get("teacher", {}).get("dense_last_block", "value")
-        dense = DenseClipEncoder(loaded, last_block) if ckpt.model_config.fusion else None
+        dense = DenseClipEncoder(loaded, ckpt.dense.last_block) if ckpt.model_config.fusion else None
+        if image_short_side is None:
+            image_short_side = ckpt.dense.short_side
         if vocabulary is None and ckpt.vocabulary is not None:
             vocabulary = ckpt.vocabulary
         log.info(
@@ -311,36 +316,17 @@ class Segmenter:
                 )
 
     # ------------------------------------------------------------------ inference
-    def _image_features(
-        self,
-        xyz: torch.Tensor,
-        valid: torch.Tensor,
-        images: Sequence[np.ndarray],
-        cameras: Sequence[PinholeCamera],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense CLIP features sampled at each valid point's first visible camera -> ([N, D], mask [N])."""
-        assert self.dense is not None
-        n, d = xyz.shape[0], self.model.cfg.embed_dim
-        feats = xyz.new_zeros(n, d)
-        mask = torch.zeros(n, dtype=torch.bool, device=xyz.device)
-        idx = valid.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return feats, mask
-        cam, uv = project_points(xyz.index_select(0, idx), list(cameras)).first_visible()
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for m, img in enumerate(images):
-            by_size.setdefault(img.shape[:2], []).append(m)
-        for members in by_size.values():  # one batched ViT pass per image size
-            dense = self.dense.encode([images[m] for m in members], self.image_short_side)
-            for b, m in enumerate(members):
-                sel = (cam == m).nonzero().squeeze(1)
-                if sel.numel():
-                    rows = idx.index_select(0, sel)
-                    feats[rows] = dense.grid.sample(dense.features[b], uv.index_select(0, sel)).to(
-                        feats.dtype
-                    )
-                    mask[rows] = True
-        return feats, mask
+    def _camera(self, images: Sequence[np.ndarray], cameras: Sequence[PinholeCamera], xyz: torch.Tensor,
+                text: torch.Tensor) -> Callable[[torch.Tensor], CameraFeatures]:
+        """Dense CLIP features at each valid point's first visible camera (`frame_point_targets`)."""
+        assert self.teacher is not None
+        teacher = self.teacher
+
+        def features(valid: torch.Tensor) -> CameraFeatures:
+            _, pt = frame_point_targets(teacher, CameraView(images, cameras), text, xyz=xyz, select=valid)
+            return CameraFeatures(pt.features, pt.visible)
+
+        return features
 
     def segment(
         self,
@@ -376,30 +362,16 @@ class Segmenter:
             log.debug("images ignored: the model has no fusion")
         threshold = self.score_threshold if score_threshold is None else score_threshold
 
-        n = pts.shape[0]
         watch = _Stopwatch(self.device)
-        labels = np.full(n, UNLABELLED, dtype=np.uint16)
-        scores = np.zeros(n, dtype=np.float32)
         with torch.inference_mode():
             x = torch.from_numpy(pts).to(self.device)
-            vox = self.model.voxelize(x)
-            watch.lap("voxelise")
-            out: PointOutput = self.model.encode(x, vox)
-            watch.lap("backbone")
-            if use_images:
-                clip_feats, clip_mask = self._image_features(x[:, :3], out.valid, images, cameras)
-                out = self.model.fuse(out, clip_feats, clip_mask)
-                watch.lap("image")
-            # Point features and text rows are unit length (zero for invalid points), so no renormalising.
-            prob = self.model.logits(out.features, text, normalized=True).softmax(dim=1)
-            score, label = prob.max(dim=1)
-            valid = out.valid.cpu().numpy()
-            labels[valid] = label.cpu().numpy()[valid].astype(np.uint16)
-            scores[valid] = score.float().cpu().numpy()[valid]
-            features = out.features.float().cpu().numpy() if return_features else None
-            watch.lap("classify")
-        if threshold is not None:
-            labels[valid & (scores < threshold)] = UNLABELLED
+            camera = self._camera(images, cameras, x[:, :3], text) if use_images else None
+            pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
+            valid = pred.valid.cpu().numpy()
+            kept = pred.labels.cpu().numpy()
+            labels = np.where(kept >= 0, kept, UNLABELLED).astype(np.uint16)
+            scores = pred.scores.float().cpu().numpy()
+            features = pred.features.float().cpu().numpy() if return_features else None
         return SegmentationResult(
             labels=labels,
             scores=scores,

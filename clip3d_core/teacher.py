@@ -45,10 +45,19 @@ class TeacherError(ValueError):
 
 
 class FrameLike(Protocol):
-    """What teachers read from a frame (`clip3d_core.data.Frame` satisfies it)."""
+    """What teachers read from a frame (`clip3d_core.data.Frame` and `CameraView` satisfy it)."""
 
-    images: list[np.ndarray]
-    cameras: list[PinholeCamera]
+    images: Sequence[np.ndarray]
+    cameras: Sequence[PinholeCamera]
+
+
+@dataclasses.dataclass
+class CameraView:
+    """The calibrated camera images of one sweep, without a dataset frame around them (what the
+    segmenter receives): ``images[i]`` uint8 HxWx3 seen through ``cameras[i]``."""
+
+    images: Sequence[np.ndarray]
+    cameras: Sequence[PinholeCamera]
 
 
 @dataclasses.dataclass
@@ -152,14 +161,33 @@ def frame_point_targets(
     frame: FrameLike,
     text: Tensor,
     *,
+    xyz: Tensor | None = None,
+    select: Tensor | None = None,
     sampling: str = "bilinear",
     occlusion: bool = True,
 ) -> tuple[TeacherOutput, PointTargets]:
-    """Run ``teacher`` on a frame and attach its features to the frame's points (first camera
-    that sees a point, occlusion-tested projection)."""
+    """CLIP features at points: run ``teacher`` on the frame's images (one batch per image size)
+    and sample its features at each point's pixel in the first camera that sees it
+    (occlusion-tested projection). The one way the teacher, the trainer and the segmenter get them.
+
+    Args:
+        xyz: [N, 3] points (default: ``frame.points``).
+        select: [N] bool, the points to project; the others count as seen by no camera (the
+            segmenter passes its valid points: a NaN point is never projected).
+    """
     out = teacher(frame, text)
-    xyz = torch.as_tensor(np.asarray(frame.points)[:, :3], dtype=torch.float32)
-    cam, uv = project_points(xyz, frame.cameras, occlusion=occlusion).first_visible()
+    if xyz is None:
+        xyz = torch.as_tensor(np.asarray(frame.points)[:, :3], dtype=torch.float32)
+    if select is None:
+        cam, uv = project_points(xyz, list(frame.cameras), occlusion=occlusion).first_visible()
+    else:
+        idx = select.nonzero().squeeze(1)
+        cam = torch.full((xyz.shape[0],), -1, dtype=torch.long, device=xyz.device)
+        uv = xyz.new_zeros(xyz.shape[0], 2)
+        if idx.numel():
+            proj = project_points(xyz.index_select(0, idx), list(frame.cameras), occlusion=occlusion)
+            c, p = proj.first_visible()
+            cam[idx], uv[idx] = c.to(cam.device).long(), p.to(uv)
     return out, out.point_targets(cam, uv, sampling=sampling)
 
 

@@ -17,11 +17,11 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from clip3d_core.clip.vocabulary import MAX_ENTRIES, Vocabulary, VocabularyError
+from clip3d_core.clip.vocabulary import Vocabulary, VocabularyError
+from clip3d_core.labels import MAX_CLASSES
 
 __all__ = [
     "DEFAULT_VOCABULARY",
-    "LIVE_PARAMETERS",
     "CameraParams",
     "NodeParams",
     "ParameterError",
@@ -131,7 +131,7 @@ def _specs() -> list[_Spec]:
             DEFAULT_VOCABULARY,
             "class names; synonyms joined by '|' (e.g. 'car|automobile'); label i = entry i",
             read_only=False,
-            constraints=f"1..{MAX_ENTRIES} unique non-empty entries of at most {MAX_ENTRY_CHARS} characters",
+            constraints=f"1..{MAX_CLASSES} unique non-empty entries of at most {MAX_ENTRY_CHARS} characters",
         ),
         _Spec(
             "score_threshold",
@@ -328,9 +328,6 @@ def declare_parameters(node: Node) -> NodeParams:
     )
 
 
-# Parameters the node applies while running (all others are read-only).
-LIVE_PARAMETERS = frozenset(s.name for s in _specs() if not s.read_only)
-
 
 def validate_vocabulary(entries: Sequence[str]) -> str | None:
     """None when `entries` is a usable vocabulary, else the reason it is not."""
@@ -338,8 +335,8 @@ def validate_vocabulary(entries: Sequence[str]) -> str | None:
         return f"expected a list of strings, got {type(entries).__name__}"
     if not entries:
         return "vocabulary is empty"
-    if len(entries) > MAX_ENTRIES:
-        return f"{len(entries)} entries; at most {MAX_ENTRIES}"
+    if len(entries) > MAX_CLASSES:
+        return f"{len(entries)} entries; at most {MAX_CLASSES}"
     long = [e for e in entries if isinstance(e, str) and len(e) > MAX_ENTRY_CHARS]
     if long:
         return f"entry longer than {MAX_ENTRY_CHARS} characters: {long[0][:40]!r}..."

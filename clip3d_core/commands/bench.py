@@ -78,13 +78,13 @@ def _case(config: str, n: int, args: dict[str, Any]) -> dict[str, Any]:
 
     import clip3d_core  # noqa: F401  (compat fixes before spconv)
     from clip3d_core.clip import ClipIdentity, Vocabulary
-    from clip3d_core.model import Clip3DNet, ModelConfig
+    from clip3d_core.model import MODEL_PRESETS, Clip3DNet
     from clip3d_core.segmenter import Segmenter
 
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
-    cfg = ModelConfig.small() if config == "small" else ModelConfig.default()
+    cfg = MODEL_PRESETS[config]()
     device = torch.device(args["device"])
     model = Clip3DNet(cfg)
     seg = Segmenter(model, ClipIdentity("bench", "random:0", cfg.embed_dim), device=device)
