@@ -50,7 +50,7 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path: Path) -> None:
     overrides = [
         "trainer.iterations=4", "self_training.iterations=2", "self_training.calibration_frames=2",
         "trainer.checkpoint_every=2", "trainer.log_every=2", "trainer.precise_bn_batches=1",
-        "data.val_frames=2",
+        "data.options.val_frames=2",
     ]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [

@@ -1,9 +1,10 @@
-"""The core's open seams: loss terms, metrics and config choices are extended by one file plus one
-config entry. The toy loss term and the toy metric below live in this test file only: registering
-them and naming them in the config is all it takes to train with them and report them."""
+"""The core's open seams: loss terms, metrics, datasets and config choices are extended by one file
+plus one config entry. The toy loss term, metric and dataset below live in this test file only:
+registering them and naming them in the config is all it takes to use them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from clip3d_core.config import ConfigError, check_choices, from_dict
+from clip3d_core.data import SyntheticWorldDataset
+from clip3d_core.data.registry import register_dataset
 from clip3d_core.losses import (
     LOSSES,
     LossInputs,
@@ -29,6 +32,7 @@ from clip3d_core.predictor import Prediction
 from clip3d_core.registry import Registry, RegistryError
 from clip3d_core.teacher import PointTargets
 from clip3d_core.training import TrainConfig, Trainer, load_train_config
+from clip3d_core.training.data import build_datasets, build_split
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "synthetic_tiny.yaml"
@@ -85,8 +89,8 @@ def test_a_toy_term_and_a_toy_metric_are_one_config_entry_each(tmp_path: Path) -
         "loss.toy_mean_feature.weight=0.1",  # the one config entry of the loss term
         "evaluation.metrics.toy_coverage={}",  # the one config entry of the metric
         "trainer.iterations=2", "self_training.enabled=false", "trainer.precise_bn_batches=1",
-        "data.val_frames=1", "trainer.log_every=1", "trainer.checkpoint_every=0",
-        f"data.cache_dir={tmp_path / 'frames'}",
+        "data.options.val_frames=1", "trainer.log_every=1", "trainer.checkpoint_every=0",
+        f"data.options.cache_dir={tmp_path / 'frames'}",
     ])
     result = Trainer(cfg, out_dir=tmp_path / "run").fit()
     logged = result.history[-1]
@@ -178,9 +182,39 @@ def test_literal_choices_are_checked_from_yaml_and_in_code() -> None:
     with pytest.raises(ConfigError, match=r"Small\.mode: 'c' not in"):
         check_choices(Small(mode="c"))  # type: ignore[arg-type]
     for key, bad in (("setting", "fully_supervised"), ("model_preset", "huge"), ("trainer.amp", "fp8"),
-                     ("optim.name", "lamb"), ("optim.schedule", "step"), ("teacher.kind", "dino"),
-                     ("data.dataset", "waymo")):
+                     ("optim.name", "lamb"), ("optim.schedule", "step"), ("teacher.kind", "dino")):
         with pytest.raises(ConfigError, match=f"{key.split('.')[-1]}: '{bad}' not in"):
             load_train_config(TINY, [f"{key}={bad}"])
     with pytest.raises(ConfigError, match="setting: 'x' not in"):
         TrainConfig(setting="x")  # type: ignore[arg-type]
+
+
+@register_dataset("toy_frames")
+class ToyFramesSource:
+    """A few synthetic frames of two world seeds (a dataset nobody needs)."""
+
+    @dataclass
+    class Options:
+        frames: int = 2
+
+    @classmethod
+    def build(cls, root: str | None, options: Options):
+        world = load_train_config(TINY).data.typed_options().world
+        held_out = dataclasses.replace(world, seed=world.seed + 1)
+        return SyntheticWorldDataset(world, options.frames), SyntheticWorldDataset(held_out, options.frames)
+
+
+def test_a_toy_dataset_is_one_config_entry() -> None:
+    cfg = load_train_config(TINY, ["data.dataset=toy_frames", "data.options={frames: 1}", "teacher.kind=clip",
+                                   "teacher.options={}"])
+    assert cfg.data.typed_options() == ToyFramesSource.Options(frames=1)
+    train, val = build_datasets(cfg.data, build_split(cfg.data))
+    assert len(train) == len(val) == 1 and train[0].frame_id != val[0].frame_id
+    with pytest.raises(RegistryError, match="unknown dataset 'waymo'"):
+        load_train_config(TINY, ["data.dataset=waymo"])
+    with pytest.raises(ConfigError, match=r"data\.options \(toy_frames\): unknown key"):
+        load_train_config(TINY, ["data.dataset=toy_frames", "teacher.kind=clip"])  # the synthetic options
+    kitti = load_train_config(REPO / "training" / "semantickitti_zeroshot.yaml",
+                              ["data.options.val_sequences=[0]", "data.root=/nonexistent"])
+    with pytest.raises(ConfigError, match=r"sequences \['00'\] are in both"):
+        build_datasets(kitti.data, build_split(kitti.data))

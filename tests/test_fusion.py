@@ -30,8 +30,8 @@ def fusion_run(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("fusion")
     cfg = load_train_config(TINY, ["model.fusion=true", "fusion.camera_dropout=0.2", "trainer.iterations=4",
                                    "self_training.enabled=false", "trainer.precise_bn_batches=1",
-                                   "data.val_frames=1", "trainer.checkpoint_every=0",
-                                   f"data.cache_dir={tmp / 'frames'}"])
+                                   "data.options.val_frames=1", "trainer.checkpoint_every=0",
+                                   f"data.options.cache_dir={tmp / 'frames'}"])
     trainer = Trainer(cfg, out_dir=tmp / "run")
     before = {k: v.clone() for k, v in trainer.bare.fusion.state_dict().items()}
     return trainer, before, trainer.fit()
@@ -81,7 +81,7 @@ def test_evaluation_labels_equal_the_segmenter_with_fusion_and_threshold(tmp_pat
                             point_range=(-51.2, -51.2, -4.0, 51.2, 51.2, 8.8))
     vocab = ["car", "road", "building", "vegetation", "person", "pole"]
     path = build_untrained_checkpoint(tmp_path / "fusion.pt", cfg, tiny_clip_config(), vocabulary=vocab)
-    frame = SyntheticWorldDataset(load_train_config(TINY).data.synthetic, 1)[0]
+    frame = SyntheticWorldDataset(load_train_config(TINY).data.typed_options().world, 1)[0]
     seg = Segmenter.from_checkpoint(path)
     full = seg.segment(frame.points, images=frame.images, cameras=frame.cameras)
     cut = float(np.median(full.scores[full.valid]))  # a threshold that removes half the labels

@@ -174,7 +174,7 @@ def test_iteration_sampler_shards_and_resumes() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path):
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = load_train_config(TINY, [f"data.cache_dir={frame_cache}"])
+    cfg = load_train_config(TINY, [f"data.options.cache_dir={frame_cache}"])
     trainer = Trainer(cfg, out_dir=out)
     return trainer, trainer.fit()
 
@@ -236,7 +236,7 @@ def test_final_checkpoint_runs_in_the_segmenter(tiny_run) -> None:
 def test_evaluate_command_writes_json_markdown_and_png(tiny_run, tmp_path: Path, frame_cache: Path) -> None:
     _, result = tiny_run
     code = cli_main(["evaluate", "--checkpoint", str(result.final_checkpoint), "--config", str(TINY),
-                     "--set", f"data.cache_dir={frame_cache}", "--out", str(tmp_path / "eval"),
+                     "--set", f"data.options.cache_dir={frame_cache}", "--out", str(tmp_path / "eval"),
                      "--device", "cpu"])
     assert code == 0
     record = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -252,8 +252,8 @@ def test_evaluate_command_writes_json_markdown_and_png(tiny_run, tmp_path: Path,
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, frame_cache: Path) -> None:
     overrides = ["trainer.iterations=4", "self_training.iterations=4", "trainer.checkpoint_every=3",
-                 "self_training.calibration_frames=2", "trainer.precise_bn_batches=1", "data.val_frames=1",
-                 f"data.cache_dir={frame_cache}", "trainer.log_every=1"]
+                 "self_training.calibration_frames=2", "trainer.precise_bn_batches=1",
+                 "data.options.val_frames=1", f"data.options.cache_dir={frame_cache}", "trainer.log_every=1"]
     cfg = load_train_config(TINY, overrides)
     straight = Trainer(cfg, out_dir=tmp_path / "a")
     done = straight.fit()
@@ -276,7 +276,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, frame_c
 def test_train_command(tmp_path: Path, frame_cache: Path) -> None:
     args = ["train", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", "trainer.iterations=2",
             "--set", "self_training.enabled=false", "--set", "trainer.precise_bn_batches=1",
-            "--set", "data.val_frames=1", "--set", f"data.cache_dir={frame_cache}"]
+            "--set", "data.options.val_frames=1", "--set", f"data.options.cache_dir={frame_cache}"]
     assert cli_main(args) == 0
     assert (tmp_path / "run" / "final.pt").is_file()
     assert cli_main(["train", "--config", str(TINY), "--set", "trainer.nope=1"]) == 2

@@ -18,7 +18,7 @@ import yaml
 from clip3d_core.clip import ClipConfig
 from clip3d_core.clip.dense import LastBlock
 from clip3d_core.config import ConfigError, check_choices, from_dict, load_yaml, to_dict
-from clip3d_core.data.synthetic.config import SyntheticConfig
+from clip3d_core.data.registry import dataset_options
 from clip3d_core.losses.registry import LossTermConfig, build_loss_terms, default_loss_config
 from clip3d_core.metrics import METRICS, MetricConfig, default_metrics_config
 from clip3d_core.model.config import ModelPreset
@@ -34,33 +34,23 @@ def is_device_name(name: str) -> bool:
 class DataConfig:
     """Which frames are trained on / evaluated on.
 
-    `dataset` picks the reader. Training and evaluation frames never overlap: synthetic frames
-    come from different world seeds (`synthetic.seed`, `val_seed`), real ones from disjoint
-    sequences / splits.
+    `dataset` names a registered dataset (`clip3d_core.data.registry`: synthetic, semantickitti,
+    nuscenes) and `options` holds its own typed options (e.g. synthetic: world, train_frames,
+    val_frames, val_seed, cache_dir; semantickitti: train_sequences, val_sequences). Training and
+    evaluation frames never overlap (each dataset checks its own way).
     """
 
-    dataset: Literal["synthetic", "semantickitti", "nuscenes"] = "synthetic"
+    dataset: str = "synthetic"
     root: str | None = None
     # Zero-shot split: a name for `clip3d_core.data.load_split`, or explicit unseen class names.
     split: str | None = None
     unseen: list[str] = field(default_factory=list)
-    # synthetic
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    train_frames: int = 64
-    val_frames: int = 16
-    val_seed: int = 100_000  # synthetic world seed of the evaluation frames (training: synthetic.seed)
-    cache_frames: bool = True  # synthetic: keep generated frames in memory
-    cache_dir: str | None = None  # synthetic: also keep them on disk (reused across runs)
-    # SemanticKITTI
-    train_sequences: str | list[str] = "train"  # "train" / "val" or sequence numbers
-    val_sequences: str | list[str] = "val"
-    # nuScenes
-    version: str = "v1.0-trainval"
-    train_split: str = "train"
-    val_split: str = "val"
-    # Extra keyword arguments for the real-dataset readers (e.g. camera list, image size).
-    reader: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     max_val_frames: int | None = None
+
+    def typed_options(self) -> Any:
+        """The dataset's options as its `Options` dataclass (`ConfigError` for unknown keys)."""
+        return dataset_options(self.dataset, self.options)
 
 
 @dataclass
@@ -213,6 +203,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         check_choices(self)  # every Literal[...] field, also for configs built in code
+        self.data.typed_options()  # unknown dataset or options fail here
         if self.teacher.kind == "simulated" and self.data.dataset != "synthetic":
             raise ConfigError("teacher.kind 'simulated' needs rendered pixel labels: synthetic data only")
         if not is_device_name(self.trainer.device):
