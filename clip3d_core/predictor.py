@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,14 @@ class CameraFeatures:
     mask: Tensor
 
 
-# Camera features of a frame, given the points the model keeps (valid) -- or None: no camera.
-CameraSource = Callable[[Tensor], "CameraFeatures | None"]
+class CameraSource(Protocol):
+    """Camera features made while the model runs: ``start()`` is called once the points are
+    voxelised (the image tower may then overlap the 3D network), ``features(valid)`` after the
+    3D network, with the points it kept (None: no camera after all)."""
+
+    def start(self) -> None: ...
+
+    def features(self, valid: Tensor) -> CameraFeatures | None: ...
 
 
 @dataclass
@@ -76,17 +83,21 @@ def predict(
 ) -> Prediction:
     """Label every point of ``points`` [N, >= in_channels] against ``text`` [C, D].
 
-    ``camera``: CLIP features at the points (or a function of the valid mask giving them), fused by
-    fusion models and ignored by others. ``allowed``: classes the argmax may pick (others -inf).
-    ``lap(stage)`` is called after "voxelise", "backbone", "image" (when fused) and "classify", for
-    stage timings. Runs under the caller's grad mode (call it in ``torch.inference_mode()``)."""
+    ``camera``: CLIP features at the points (or a `CameraSource` making them), fused by fusion
+    models and ignored by others. ``allowed``: classes the argmax may pick (others -inf).
+    ``lap(stage)`` is called after "voxelise", "backbone" and "image" (when fused), for stage
+    timings (the caller laps "classify" once it has read the results). Runs under the caller's grad
+    mode (call it in ``torch.inference_mode()``)."""
     mark = lap or (lambda _stage: None)
+    fuse = camera is not None and model.fusion is not None
     vox = model.voxelize(points, batch_index)
     mark("voxelise")
+    if fuse and not isinstance(camera, CameraFeatures):
+        camera.start()
     out = model.encode(points, vox)
     mark("backbone")
-    if camera is not None and model.fusion is not None:
-        feats = camera(out.valid) if callable(camera) else camera
+    if fuse:
+        feats = camera if isinstance(camera, CameraFeatures) else camera.features(out.valid)
         if feats is not None:
             out = model.fuse(out, feats.features.to(out.features), feats.mask.to(out.valid.device))
             mark("image")
@@ -98,5 +109,4 @@ def predict(
     scores = torch.where(out.valid, scores, torch.zeros_like(scores))
     if score_threshold is not None:
         labels = torch.where(scores < score_threshold, IGNORE_INDEX, labels)
-    mark("classify")
     return Prediction(features=out.features, logits=logits, labels=labels, scores=scores, valid=out.valid)

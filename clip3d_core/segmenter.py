@@ -21,8 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,8 @@ from clip3d_core.geometry import PinholeCamera
 from clip3d_core.labels import UNLABELLED
 from clip3d_core.model import Clip3DNet
 from clip3d_core.predictor import CameraFeatures, predict
-from clip3d_core.teacher import CameraView, ClipTeacher, frame_point_targets
+from clip3d_core.runtime import Runtime, RuntimeOptions
+from clip3d_core.teacher import CameraView, ClipTeacher, TeacherOutput, attach_points
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +81,25 @@ class SegmentationResult:
         return out
 
 
-class _Stopwatch:
-    """Stage timings in ms; synchronises CUDA so a stage is charged for its own kernels."""
+class _ImageFeatures:
+    """Fusion input of one `segment` call: the image tower starts on its own stream once the points
+    are voxelised (overlapping the 3D network), then its features are sampled at each valid point's
+    first visible camera (`attach_points`, the training teacher's code path)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.times: dict[str, float] = {}
-        self._start = self._last = self._now()
+    def __init__(self, teacher: ClipTeacher, runtime: Runtime, view: CameraView, text: torch.Tensor,
+                 xyz: torch.Tensor) -> None:
+        self.teacher, self.runtime, self.view, self.text, self.xyz = teacher, runtime, view, text, xyz
+        self.encoded: TeacherOutput | None = None
 
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # this device's kernels, not the current device's
-        return time.perf_counter()
+    def start(self) -> None:
+        with self.runtime.image_stream():
+            self.encoded = self.teacher(self.view, self.text)
 
-    def lap(self, stage: str) -> None:
-        now = self._now()
-        self.times[stage] = (now - self._last) * 1e3
-        self._last = now
-
-    def total(self) -> dict[str, float]:
-        self.times["total"] = (self._now() - self._start) * 1e3
-        return self.times
+    def features(self, valid: torch.Tensor) -> CameraFeatures:
+        assert self.encoded is not None
+        self.runtime.join_image_stream(*self.encoded.features)
+        pt = attach_points(self.encoded, self.xyz, self.view.cameras, select=valid)
+        return CameraFeatures(pt.features, pt.visible)
 
 
 class Segmenter:
@@ -111,6 +108,7 @@ class Segmenter:
     Build with `from_checkpoint`. ``text_source`` (a `TextEncoder` or an `EmbeddingBank`) is needed
     only to encode new vocabularies; ``dense`` (a `DenseClipEncoder`) only for fusion models fed
     images. ``score_threshold``: labels scoring below it become unlabelled (score kept).
+    ``runtime`` (`RuntimeOptions`): precision, sparse backend, TF32, compile, streams, buffers.
     """
 
     def __init__(
@@ -124,16 +122,19 @@ class Segmenter:
         device: str | torch.device = "cpu",
         score_threshold: float | None = None,
         image_short_side: int | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> None:
         if identity.embed_dim != model.cfg.embed_dim:
             raise ValueError(f"model embed_dim {model.cfg.embed_dim} != CLIP {identity} embed_dim")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.runtime = Runtime(runtime or RuntimeOptions(), self.device)
+        self.model = self.runtime.prepare_model(model)
         self.identity = identity
         self.text_source = text_source
-        self.dense = None if dense is None else dense.to(self.device)
-        # CLIP features at points come from the teacher's code path, as in training.
-        self.teacher = None if self.dense is None else ClipTeacher(self.dense, short_side=image_short_side)
+        self.dense = None if dense is None else self.runtime.prepare_dense(dense)
+        # CLIP features at points come from the training teacher's code path (`attach_points`).
+        self.teacher = None if self.dense is None else ClipTeacher(
+            self.dense, short_side=image_short_side, upload=self.runtime.buffers.upload)
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
@@ -156,6 +157,7 @@ class Segmenter:
         score_threshold: float | None = None,
         text_cache_dir: str | Path | None = None,
         image_short_side: int | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> Segmenter:
         """Load a checkpoint and what its text/image side needs.
 
@@ -211,6 +213,7 @@ class Segmenter:
             device=device,
             score_threshold=score_threshold,
             image_short_side=image_short_side,
+            runtime=runtime,
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -316,17 +319,6 @@ class Segmenter:
                 )
 
     # ------------------------------------------------------------------ inference
-    def _camera(self, images: Sequence[np.ndarray], cameras: Sequence[PinholeCamera], xyz: torch.Tensor,
-                text: torch.Tensor) -> Callable[[torch.Tensor], CameraFeatures]:
-        """Dense CLIP features at each valid point's first visible camera (`frame_point_targets`)."""
-        assert self.teacher is not None
-        teacher = self.teacher
-
-        def features(valid: torch.Tensor) -> CameraFeatures:
-            _, pt = frame_point_targets(teacher, CameraView(images, cameras), text, xyz=xyz, select=valid)
-            return CameraFeatures(pt.features, pt.visible)
-
-        return features
 
     def segment(
         self,
@@ -362,16 +354,23 @@ class Segmenter:
             log.debug("images ignored: the model has no fusion")
         threshold = self.score_threshold if score_threshold is None else score_threshold
 
-        watch = _Stopwatch(self.device)
+        rt = self.runtime
+        watch = rt.timer()
         with torch.inference_mode():
-            x = torch.from_numpy(pts).to(self.device)
-            camera = self._camera(images, cameras, x[:, :3], text) if use_images else None
+            x = rt.buffers.upload("points", pts)
+            camera = None
+            if use_images:
+                assert self.teacher is not None and images is not None and cameras is not None
+                camera = _ImageFeatures(self.teacher, rt, CameraView(images, cameras), text, x[:, :3])
             pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
-            valid = pred.valid.cpu().numpy()
-            kept = pred.labels.cpu().numpy()
-            labels = np.where(kept >= 0, kept, UNLABELLED).astype(np.uint16)
-            scores = pred.scores.float().cpu().numpy()
+            host = rt.buffers.download(
+                {"valid": pred.valid, "label": pred.labels.to(torch.int32), "score": pred.scores.float()}
+            )
+            valid = host["valid"].copy()
+            labels = np.where(host["label"] >= 0, host["label"], UNLABELLED).astype(np.uint16)
+            scores = host["score"].copy()
             features = pred.features.float().cpu().numpy() if return_features else None
+            watch.lap("classify")
         return SegmentationResult(
             labels=labels,
             scores=scores,

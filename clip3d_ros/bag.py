@@ -213,27 +213,23 @@ def header(ns: int, frame_id: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- clouds
-def cloud_msg(points: np.ndarray, hdr: Any) -> Any:
-    """Structured numpy array (one record per point, input order) -> rosbags PointCloud2;
-    `is_dense` when x, y, z are all finite (or the records have no x, y, z)."""
-    layout = conversions.layout_from_dtype(points.dtype)
+def cloud_msg(points: np.ndarray, hdr: Any, *, height: int = 1) -> Any:
+    """Structured numpy array (one record per point, input order) -> rosbags PointCloud2, built by
+    `conversions.cloud_parts` like the node's messages (`height > 1`: organised)."""
+    parts = conversions.cloud_parts(points, height=height)
     field_cls = msg_class("sensor_msgs/msg/PointField")
-    fields = [
-        field_cls(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in layout.fields
-    ]
-    data = np.ascontiguousarray(points).view(np.uint8).reshape(-1)
     return msg_class(T_CLOUD)(
         header=hdr,
-        height=1,
-        width=len(points),
-        fields=fields,
-        is_bigendian=False,
-        point_step=layout.point_step,
-        row_step=layout.point_step * len(points),
-        data=data,
-        is_dense=bool(
-            not {"x", "y", "z"} <= set(points.dtype.names) or np.isfinite(conversions.xyz_of(points)).all()
-        ),
+        height=parts.height,
+        width=parts.width,
+        fields=[
+            field_cls(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in parts.fields
+        ],
+        is_bigendian=parts.is_bigendian,
+        point_step=parts.point_step,
+        row_step=parts.row_step,
+        data=parts.data,
+        is_dense=parts.is_dense,
     )
 
 

@@ -26,10 +26,14 @@ __all__ = [
     "CalibrationError",
     "CloudFormatError",
     "CloudLayout",
+    "CloudParts",
     "Field",
     "ImageFormatError",
     "array_to_cloud",
     "camera_from_info_msg",
+    "check_cloud",
+    "check_layout",
+    "cloud_parts",
     "cloud_to_array",
     "compressed_to_rgb",
     "dtype_from_fields",
@@ -116,6 +120,63 @@ def layout_from_dtype(dtype: np.dtype) -> CloudLayout:
     return CloudLayout(tuple(fields), dtype.itemsize)
 
 
+def check_layout(
+    data_bytes: int,
+    *,
+    fields: Sequence[Any],
+    point_step: int,
+    width: int,
+    height: int,
+    row_step: int,
+    is_bigendian: bool,
+) -> np.dtype:
+    """The point dtype of a PointCloud2 described by its header and field table, after checking
+    that `data_bytes` bytes hold exactly `height` rows of `row_step` bytes (`CloudFormatError`
+    otherwise). Reads no point data: cheap enough for a subscription callback."""
+    width, height, point_step, row_step = int(width), int(height), int(point_step), int(row_step)
+    if width < 0 or height < 0:
+        raise CloudFormatError(f"negative cloud size {height}x{width}")
+    if width * height == 0:
+        if data_bytes:  # a header that lost its size is not an empty scan
+            raise CloudFormatError(f"cloud of {height}x{width} points carries {data_bytes} bytes of data")
+        return dtype_from_fields(fields, max(point_step, 1), bool(is_bigendian))
+    if point_step <= 0:
+        raise CloudFormatError(f"point_step must be positive, got {point_step}")
+    dtype = dtype_from_fields(fields, point_step, bool(is_bigendian))
+    if row_step < width * point_step:
+        raise CloudFormatError(f"row_step {row_step} < width {width} x point_step {point_step}")
+    if data_bytes != row_step * height:
+        raise CloudFormatError(
+            f"data has {data_bytes} bytes, expected row_step {row_step} x height {height}"
+            f" = {row_step * height}"
+        )
+    return dtype
+
+
+def check_cloud(msg: Any, max_points: int | None = None) -> np.dtype:
+    """`check_layout` of a PointCloud2 message, plus: x, y, z present as scalar fields and at most
+    `max_points` points. The node runs it on the callback thread, so a malformed cloud never takes
+    a valid one's place in the queue."""
+    dtype = check_layout(
+        len(msg.data),
+        fields=msg.fields,
+        point_step=msg.point_step,
+        width=msg.width,
+        height=msg.height,
+        row_step=msg.row_step,
+        is_bigendian=bool(msg.is_bigendian),
+    )
+    n = int(msg.width) * int(msg.height)
+    if max_points is not None and n > max_points:
+        raise CloudFormatError(f"{n} points exceed max_points {max_points}")
+    for c in ("x", "y", "z"):
+        if c not in (dtype.names or ()):
+            raise CloudFormatError(f"cloud has no {c} field; fields: {list(dtype.names or ())}")
+        if dtype.fields[c][0].shape:
+            raise CloudFormatError(f"field {c!r} has count {dtype.fields[c][0].shape}, expected 1")
+    return dtype
+
+
 def structured_from_buffer(
     data: Any,
     *,
@@ -130,26 +191,25 @@ def structured_from_buffer(
 
     Zero-copy when rows are unpadded. Organised clouds (height > 1) are flattened; row padding
     (row_step > width * point_step) is skipped."""
-    width, height, point_step, row_step = int(width), int(height), int(point_step), int(row_step)
-    if width < 0 or height < 0:
-        raise CloudFormatError(f"negative cloud size {height}x{width}")
-    n = width * height
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
     buf = buf.reshape(-1)
-    if n == 0:
-        return np.zeros(0, dtype=dtype_from_fields(fields, max(point_step, 1), bool(is_bigendian)))
-    if point_step <= 0:
-        raise CloudFormatError(f"point_step must be positive, got {point_step}")
-    dtype = dtype_from_fields(fields, point_step, bool(is_bigendian))
-    if row_step < width * point_step:
-        raise CloudFormatError(f"row_step {row_step} < width {width} x point_step {point_step}")
-    if buf.size != row_step * height:
-        raise CloudFormatError(
-            f"data has {buf.size} bytes, expected row_step {row_step} x height {height} = {row_step * height}"
-        )
-    if row_step == width * point_step:
+    dtype = check_layout(
+        buf.size,
+        fields=fields,
+        point_step=point_step,
+        width=width,
+        height=height,
+        row_step=row_step,
+        is_bigendian=is_bigendian,
+    )
+    width, height, row_step = int(width), int(height), int(row_step)
+    if width * height == 0:
+        return np.zeros(0, dtype=dtype)
+    if row_step == width * dtype.itemsize:
         return buf.view(dtype)
-    rows = np.lib.stride_tricks.as_strided(buf, shape=(height, width * point_step), strides=(row_step, 1))
+    rows = np.lib.stride_tricks.as_strided(
+        buf, shape=(height, width * dtype.itemsize), strides=(row_step, 1)
+    )
     return np.ascontiguousarray(rows).reshape(-1).view(dtype)
 
 
@@ -172,14 +232,26 @@ def _byte_array(values: np.ndarray) -> array.array:
     return out
 
 
-def array_to_cloud(
-    points: np.ndarray, header: Any = None, *, height: int = 1, is_dense: bool | None = None
-) -> Any:
-    """Structured array -> rclpy sensor_msgs/PointCloud2 (the layout and byte order of its dtype).
+@dataclass(frozen=True)
+class CloudParts:
+    """The fields of a sensor_msgs/PointCloud2 (all but the header), message-class agnostic: the
+    one cloud builder behind the node's rclpy messages and the bag tools' rosbags messages."""
 
-    `height > 1` makes an organised cloud of `len(points) // height` columns."""
-    from sensor_msgs.msg import PointCloud2, PointField
+    height: int
+    width: int
+    fields: tuple[Field, ...]
+    is_bigendian: bool
+    point_step: int
+    row_step: int
+    data: np.ndarray  # uint8, row_step * height bytes
+    is_dense: bool
 
+
+def cloud_parts(points: np.ndarray, *, height: int = 1, is_dense: bool | None = None) -> CloudParts:
+    """Structured array -> PointCloud2 parts in the layout and byte order of its dtype.
+
+    `height > 1` makes an organised cloud of `len(points) // height` columns. `is_dense` (PCL
+    meaning: no non-finite x, y, z) is computed when not given."""
     points = np.ascontiguousarray(points).reshape(-1)
     layout = layout_from_dtype(points.dtype)
     if height < 1 or len(points) % height:
@@ -187,21 +259,40 @@ def array_to_cloud(
     orders = {points.dtype.fields[f.name][0].base.byteorder for f in layout.fields} - {"|", "="}
     if len(orders) > 1:
         raise CloudFormatError("mixed byte orders in one cloud")
-    big = orders == {">"}
+    width = len(points) // height
+    if is_dense is None:
+        is_dense = not {"x", "y", "z"} <= set(points.dtype.names) or bool(np.isfinite(xyz_of(points)).all())
+    return CloudParts(
+        height=int(height),
+        width=width,
+        fields=layout.fields,
+        is_bigendian=orders == {">"},
+        point_step=layout.point_step,
+        row_step=layout.point_step * width,
+        data=points.view(np.uint8).reshape(-1),
+        is_dense=bool(is_dense),
+    )
+
+
+def array_to_cloud(
+    points: np.ndarray, header: Any = None, *, height: int = 1, is_dense: bool | None = None
+) -> Any:
+    """Structured array -> rclpy sensor_msgs/PointCloud2 (`cloud_parts`)."""
+    from sensor_msgs.msg import PointCloud2, PointField
+
+    parts = cloud_parts(points, height=height, is_dense=is_dense)
     msg = PointCloud2()
     if header is not None:
         msg.header = header
-    msg.height, msg.width = int(height), len(points) // height
+    msg.height, msg.width = parts.height, parts.width
     msg.fields = [
-        PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in layout.fields
+        PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in parts.fields
     ]
-    msg.is_bigendian = bool(big)
-    msg.point_step = layout.point_step
-    msg.row_step = layout.point_step * msg.width
-    msg.data = _byte_array(points)
-    if is_dense is None:  # PCL meaning: no invalid (non-finite) points
-        is_dense = not {"x", "y", "z"} <= set(points.dtype.names) or bool(np.isfinite(xyz_of(points)).all())
-    msg.is_dense = bool(is_dense)
+    msg.is_bigendian = parts.is_bigendian
+    msg.point_step = parts.point_step
+    msg.row_step = parts.row_step
+    msg.data = _byte_array(parts.data)
+    msg.is_dense = parts.is_dense
     return msg
 
 

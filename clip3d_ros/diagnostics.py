@@ -73,6 +73,9 @@ class PipelineDiagnostics:
         self.lidar_only = 0
         self.unsynchronised = 0
         self.dropped = 0
+        self.queue_depth = 0
+        self.queue_high_water = 0
+        self.queue_limit = 0
         self.skipped = 0
         self.errors = 0
         self.last_error = ""
@@ -127,6 +130,15 @@ class PipelineDiagnostics:
         with self._lock:
             self.dropped += n
 
+    def on_queue(self, depth: int, high_water: int | None = None, limit: int | None = None) -> None:
+        """Frames waiting for the model now; the most ever waiting; the per-sensor limit."""
+        with self._lock:
+            self.queue_depth = int(depth)
+            if high_water is not None:
+                self.queue_high_water = max(self.queue_high_water, int(high_water))
+            if limit is not None:
+                self.queue_limit = int(limit)
+
     def on_skipped(self) -> None:
         with self._lock:
             self.skipped += 1
@@ -173,6 +185,8 @@ class PipelineDiagnostics:
                 "clouds": self.clouds,
                 "frames": self.frames,
                 "dropped": self.dropped,
+                "queue_depth": self.queue_depth,
+                "queue_high_water": self.queue_high_water,
                 "skipped": self.skipped,
                 "errors": self.errors,
                 "lidar_only": self.lidar_only,
@@ -235,7 +249,9 @@ class PipelineDiagnostics:
         p99 = s["latency_p99_ms"]
         level, msg = OK, f"{s['frames']} frames labelled"
         if new_drops:
-            level, msg = WARN, f"{new_drops} frames dropped (worker busy)"
+            level, msg = WARN, (
+                f"{new_drops} frames dropped: model behind (queue of {self.queue_limit} per sensor full)"
+            )
         if p99 == p99 and p99 > self.budget_ms:
             level, msg = WARN, f"p99 latency {p99:.1f} ms over budget {self.budget_ms:.1f} ms"
         if new_errors:
@@ -254,6 +270,9 @@ class PipelineDiagnostics:
             ("header_to_publish_p99_ms", _f(s["header_to_publish_p99_ms"])),
             ("budget_ms", _f(self.budget_ms)),
             ("dropped_frames", s["dropped"]),
+            ("queue_depth", s["queue_depth"]),
+            ("queue_high_water", s["queue_high_water"]),
+            ("queue_limit_per_sensor", self.queue_limit),
             ("unsynchronised_frames", s["unsynchronised"]),
             ("lidar_only_frames", s["lidar_only"]),
             ("skipped_no_subscribers", s["skipped"]),

@@ -2,10 +2,10 @@
 
 Data flow (callbacks never block; one worker thread runs the model):
 
-    /points ─┐                 ┌─ latest release ───► worker: decode, cameras, Segmenter.segment,
-    images ──┼─► CloudCameraSync┘   (frames still       build cloud, publish ~/labels_meta + output
-    infos ───┘   (approx. time,      waiting from an
-                 camera timeout)     older one: dropped, counted)
+    cloud ── layout check ─┐                 ┌─► FrameQueue ──► worker: labelling.decode_cloud,
+    (bad: counted, never   ├─► CloudCameraSync┘   (per sensor,     cameras, label_frame, build
+     queued)               │   (approx. time,       `queue.depth`,   cloud, publish ~/labels_meta
+    images, infos ─────────┘    camera timeout)      newest kept)     + output
     parameter `vocabulary` ─► on-set validation ─► encoder thread (encode_vocabulary) ─► worker
                               swaps it in between two frames, publishes ~/vocabulary, then labels.
 
@@ -18,14 +18,25 @@ Outputs
   vocabulary its labels index (the cloud header stays the input's, untouched).
 * `/diagnostics`: rate, latency vs budget, drops, unsynchronised frames, cameras, vocabulary.
 
+Frame-loss policy: a cloud's layout (header and field table: sizes, x/y/z, max_points) is checked
+on the callback thread, so a malformed cloud is counted as bad input and never takes a valid
+frame's place. Valid frames wait in a bounded queue per sensor (`frame_id`), `queue.depth` deep
+(default 2); a frame is dropped only when its sensor's queue is full, i.e. the model is behind,
+and then the oldest waiting one goes (`clip3d_ros.frame_queue`). /diagnostics shows drops, the
+queue depth and its high-water mark.
+
 Bad input (missing x/y/z, size mismatches, unknown encodings, zero intrinsics, ...) is logged
-(throttled), counted in /diagnostics and skipped; a broken camera only removes that camera from
-the frame. All stamps come from message headers; the node clock (sim time under bag replay) only
-times the camera timeout and the header-to-publish latency.
+(throttled), counted in /diagnostics and skipped; a broken camera (bad image, calibration that
+does not survive scaling to the image, an image beyond `max_image_pixels` / `max_image_aspect`)
+only removes that camera from the frame; a bad intensity field only removes the intensity. All
+stamps come from message headers; the node clock (sim time under bag replay) only times the
+camera timeout and the header-to-publish latency.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 import time
@@ -50,18 +61,14 @@ from clip3d_core.clip import VocabularyError
 from clip3d_core.geometry import CalibrationError, PinholeCamera, load_kitti_calib
 from clip3d_ros.conversions import (
     CloudFormatError,
-    ImageFormatError,
     array_to_cloud,
-    camera_from_info_msg,
-    cloud_to_array,
-    find_intensity_field,
-    labelled_points,
+    check_cloud,
     msg_to_rgb,
-    points_for_model,
-    rgb_for_labels,
     transform_to_matrix,
 )
 from clip3d_ros.diagnostics import PipelineDiagnostics
+from clip3d_ros.frame_queue import FrameQueue
+from clip3d_ros.labelling import CAMERA_ERRORS, CameraResolver, ImageLimits, decode_cloud, label_frame
 from clip3d_ros.params import CameraParams, NodeParams, ParameterError, declare_parameters, validate_change
 from clip3d_ros.sync import CloudCameraSync, MessageFiltersSynchronizer, SyncedFrame, make_matcher
 from clip3d_ros.vocabulary_map import (
@@ -79,7 +86,7 @@ try:  # TF is optional: static extrinsics from parameters / calibration files ot
 except ImportError:
     TfBuffer = TransformListener = None
 
-__all__ = ["Clip3DNode", "FrameTiming", "SegmenterLike", "main"]
+__all__ = ["Clip3DNode", "FrameTiming", "SegmenterLike", "main", "run"]
 
 NODE_NAME = "clip3d"
 LOG_THROTTLE_S = 5.0
@@ -88,6 +95,9 @@ SYNC_POLL_PERIOD_S = 0.02
 
 class SegmenterLike(Protocol):
     """The part of `clip3d_core.segmenter.Segmenter` the node uses (injectable for tests)."""
+
+    @property
+    def vocabulary(self) -> Any: ...
 
     def check_vocabulary(self, names: list[str]) -> None: ...
 
@@ -125,9 +135,10 @@ class FrameTiming:
 @dataclass
 class _Camera:
     params: CameraParams
+    resolver: CameraResolver
     info: CameraInfo | None = None
     kitti: dict[tuple[int, int], PinholeCamera] | None = None  # calibration file per image size
-    cached: tuple[Any, PinholeCamera] | None = None  # (key, camera) of the last CameraInfo model
+    tf_fallbacks: int = 0  # frames whose TF lookup failed (static extrinsics used instead)
 
 
 def _stamp_ns(stamp: Any) -> int:
@@ -145,7 +156,7 @@ class Clip3DNode(Node):
         # destroy_node works on a node whose construction failed (bad parameters, no checkpoint).
         self._stop = False
         self._work = threading.Condition()
-        self._pending_frames: deque[SyncedFrame] = deque()
+        self._queue: FrameQueue | None = None
         self._pending_swap: tuple[Any, Any] | None = None
         self._encode = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -160,7 +171,9 @@ class Clip3DNode(Node):
         self._last_log: dict[str, float] = {}
         self.timings: deque[FrameTiming] = deque(maxlen=1000)
 
+        self._queue = FrameQueue(p.queue_depth)
         self.diagnostics = PipelineDiagnostics([c.name for c in p.cameras], p.budget_ms)
+        self.diagnostics.on_queue(0, 0, p.queue_depth)
         self._sync = CloudCameraSync(
             len(p.cameras),
             queue_size=p.sync_queue_size,
@@ -170,7 +183,10 @@ class Clip3DNode(Node):
             matcher=make_matcher(len(p.cameras) + 1, p.sync_queue_size, p.sync_slop) if p.cameras else None,
         )
         self._sync_resets = 0
-        self._cameras = [_Camera(c) for c in p.cameras]
+        limits = ImageLimits(p.max_image_pixels, p.max_image_aspect)
+        self._cameras = [
+            _Camera(c, CameraResolver(c.name, rectified=c.rectified, limits=limits)) for c in p.cameras
+        ]
         self._tf_buffer = None
         if p.use_tf and p.cameras and TfBuffer is not None:
             self._tf_buffer = TfBuffer()
@@ -252,7 +268,7 @@ class Clip3DNode(Node):
             self._encode.notify_all()
         for t in (self._worker, self._encoder):
             if t is not None and t.is_alive() and t is not threading.current_thread():
-                t.join(timeout=10.0)
+                t.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
     # ------------------------------------------------------------------ helpers
@@ -295,6 +311,11 @@ class Clip3DNode(Node):
         if self._skip_without_subscribers and self._cloud_pub.get_subscription_count() == 0:
             self.diagnostics.on_skipped()
             return
+        try:  # header and field table only (no copy): a bad cloud never enters the queue
+            check_cloud(msg, self._max_points)
+        except CloudFormatError as exc:
+            self._bad_input("cloud", str(exc))
+            return
         self._dispatch(self._sync.add_cloud(msg, stamp, self._now_ns()))
 
     def _image_callback(self, camera: int) -> Any:
@@ -321,13 +342,11 @@ class Clip3DNode(Node):
             self.get_logger().warning("header stamps jumped backwards (looped bag?): synchroniser reset")
         if not frames:
             return
-        with self._work:
-            # Frames released together are all kept (a cloud whose image was lost goes out with the
-            # next matched one); frames still waiting from before are superseded, so the backlog
-            # never outgrows one release and latency stays bounded when the model is slow.
-            dropped = len(self._pending_frames)
-            self._pending_frames = deque(frames)
+        with self._work:  # the policy: see the module docstring and clip3d_ros.frame_queue
+            dropped = sum(self._queue.put(f.cloud.header.frame_id, f) for f in frames)
+            depth, high = len(self._queue), self._queue.high_water
             self._work.notify_all()
+        self.diagnostics.on_queue(depth, high, self._queue.depth)
         if dropped:
             self.diagnostics.on_dropped(dropped)
 
@@ -395,12 +414,14 @@ class Clip3DNode(Node):
     def _work_loop(self) -> None:
         while True:
             with self._work:
-                while not self._pending_frames and self._pending_swap is None and not self._stop:
+                while not self._queue and self._pending_swap is None and not self._stop:
                     self._work.wait()
                 if self._stop:
                     return
                 swap, self._pending_swap = self._pending_swap, None
-                frame = self._pending_frames.popleft() if self._pending_frames else None
+                frame = self._queue.pop()
+                depth = len(self._queue)
+            self.diagnostics.on_queue(depth)
             if swap is not None:  # between frames: no frame sees two vocabularies
                 try:
                     self._install_vocabulary(*swap)
@@ -423,40 +444,28 @@ class Clip3DNode(Node):
         t0 = time.perf_counter()
         msg: PointCloud2 = frame.cloud
         try:
-            cloud = cloud_to_array(msg)
-            if len(cloud) > self._max_points:
-                raise CloudFormatError(f"{len(cloud)} points exceed max_points {self._max_points}")
-            intensity_field = find_intensity_field(cloud, self.params.intensity_field)
-            points = points_for_model(cloud, intensity_field)
+            cloud = decode_cloud(msg, self.params.intensity_field, self._max_points)
         except CloudFormatError as exc:
             self._bad_input("cloud", str(exc))
             return
-        if intensity_field is None and self.params.intensity_field:  # labelled anyway, from x, y, z
-            reason = f"cloud has no field {self.params.intensity_field!r} (intensity_field parameter)"
-            self.diagnostics.on_bad_input("missing_intensity", reason)
-            self._throttled("intensity", f"{reason}: labelling without intensity", "warning")
-        if len(points) == 0:  # answered with an empty labelled cloud, so consumers stay in step
-            self.diagnostics.on_bad_input("empty_cloud", "cloud has no points")
-            self._throttled("empty", "empty cloud: publishing an empty labelled cloud", "warning")
+        for kind, reason in cloud.issues:  # labelled anyway
+            self.diagnostics.on_bad_input(kind, reason)
+            self._throttled(kind, f"{reason}: labelling the cloud anyway", "warning")
         images, cameras, used = self._frame_cameras(frame, msg)
         t1 = time.perf_counter()
 
-        if len(points):
-            result = self._segmenter.segment(
-                points, images or None, cameras or None, score_threshold=self._score_threshold or None
-            )
-            labels, scores, vocab = result.labels, result.scores, result.vocabulary
-            if len(labels) != len(points) or len(scores) != len(points):
-                raise RuntimeError(f"segmenter returned {len(labels)} labels for {len(points)} points")
-        else:
-            labels, scores = np.zeros(0, np.uint16), np.zeros(0, np.float32)
-            vocab = self.active_vocabulary
+        labelled = label_frame(
+            self._segmenter.segment,
+            cloud,
+            images,
+            cameras,
+            vocabulary=self.active_vocabulary,
+            score_threshold=self._score_threshold or None,
+        )
+        vocab, out = labelled.vocabulary, labelled.records
         t2 = time.perf_counter()
 
-        rgb = rgb_for_labels(labels, vocab.colours)  # UNLABELLED (and junk labels) -> grey
-        intensity = points[:, 3] if intensity_field is not None else None
-        out = labelled_points(points[:, :3], intensity, labels, scores, rgb)
-        out_msg = array_to_cloud(out, msg.header, height=max(int(msg.height), 1) if len(out) else 1)
+        out_msg = array_to_cloud(out, msg.header, height=labelled.height)
         names = [c.name for c in self.params.cameras]
         meta = labels_meta_message(
             msg.header.stamp,
@@ -510,7 +519,7 @@ class Clip3DNode(Node):
                 rgb = msg_to_rgb(image)
                 camera = self._camera_model(i, image, rgb.shape[:2], cloud)
             except Exception as exc:  # a broken camera never costs the cloud: it goes out without it
-                known = isinstance(exc, (ImageFormatError, CalibrationError))
+                known = isinstance(exc, CAMERA_ERRORS)
                 why = str(exc) if known else f"{type(exc).__name__}: {exc}"
                 self.diagnostics.on_camera_error(i, why)
                 self._throttled(f"camera-{i}", f"camera {self._cameras[i].params.name}: {why}")
@@ -536,28 +545,13 @@ class Clip3DNode(Node):
                         f"no extrinsics: no TF, no cameras.{p.name}.T_cam_lidar and no calibration_file"
                     )
                 T = self._kitti_camera(cam, (int(info.height), int(info.width))).T_cam_lidar
-            key = (
-                tuple(info.k),
-                tuple(info.d),
-                tuple(info.p),
-                tuple(info.r),
-                info.width,
-                info.height,
-                info.distortion_model,
-                T.tobytes(),
-            )  # by content: drivers send a new (identical) CameraInfo with every image
-            if cam.cached is None or cam.cached[0] != key:
-                cam.cached = (key, camera_from_info_msg(info, T, p.name, rectified=p.rectified))
-            model = cam.cached[1]
-        elif p.calibration_file:
-            model = self._kitti_camera(cam, hw)
-            if T is not None:
-                model = model.with_extrinsics(T).validate()
-        else:
+            return cam.resolver.from_info(info, T, hw)
+        if not p.calibration_file:
             raise CalibrationError(f"no CameraInfo received on {p.info_topic} and no calibration_file")
-        if (model.height, model.width) != tuple(hw):
-            model = model.scaled(hw[1] / model.width, hw[0] / model.height)
-        return model
+        model = self._kitti_camera(cam, hw)
+        if T is not None:
+            model = model.with_extrinsics(T).validate()
+        return cam.resolver.fit(model, hw)
 
     def _kitti_camera(self, cam: _Camera, hw: tuple[int, int]) -> PinholeCamera:
         cam.kitti = cam.kitti or {}
@@ -580,19 +574,40 @@ class Clip3DNode(Node):
                 camera_frame, lidar_frame, Time.from_msg(cloud.header.stamp)
             )
         except Exception as exc:  # tf2 raises several unrelated types; fall back to static extrinsics
-            self._throttled(f"tf-{cam.params.name}", f"TF {lidar_frame} -> {camera_frame}: {exc}", "warning")
+            cam.tf_fallbacks += 1
+            if cam.tf_fallbacks == 1:  # a tree that is simply not published would log every frame
+                self.get_logger().warning(
+                    f"camera {cam.params.name}: no TF {lidar_frame} -> {camera_frame} ({exc}); using the "
+                    "static extrinsics (T_cam_lidar / calibration_file). Logged once."
+                )
             return None
         return transform_to_matrix(tf.transform)
 
 
-def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SPIN_PERIOD_S = 0.1  # how often the spin loop looks at the stop flag: the stop latency
+WORKER_JOIN_S = 1.0  # on shutdown, how long a frame still in the model is waited for
+
+
+def main(args: list[str] | None = None, *, segmenter: SegmenterLike | None = None) -> int:
+    """Run the node until SIGINT / SIGTERM; the exit code (1: it could not start).
+
+    rclpy's own signal handling is off: it shuts the context down from inside the signal handler
+    and a second SIGINT (`ros2 launch` without a terminal sends two) then aborted the process in
+    C++. Here a signal only sets a flag the spin loop checks every SPIN_PERIOD_S; further signals
+    are no-ops, and the node stops within ~0.1 s plus at most WORKER_JOIN_S of a running frame."""
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     node = None
     try:
-        node = Clip3DNode()
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        node = Clip3DNode(segmenter)
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError) as exc:  # bad configuration / checkpoint: say why, exit 1
@@ -602,8 +617,25 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
+def run(args: list[str] | None = None, *, segmenter: SegmenterLike | None = None) -> None:
+    """Console-script entry point (`clip3d_node`, `python -m clip3d_ros.node`): `main`, then exit
+    without running interpreter and C++ static teardown, which can abort (rc 134) while a model
+    call or DDS thread is still live. Everything the node owns is already closed by then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until main installs its handler
+    try:
+        code = main(args, segmenter=segmenter)
+    except KeyboardInterrupt:
+        code = 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

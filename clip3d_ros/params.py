@@ -90,6 +90,9 @@ class NodeParams:
     output_topic: str
     intensity_field: str
     max_points: int
+    queue_depth: int
+    max_image_pixels: int
+    max_image_aspect: float
     skip_without_subscribers: bool
     sync_slop: float
     sync_queue_size: int
@@ -158,6 +161,27 @@ def _specs() -> list[_Spec]:
             "clouds with more points are rejected as bad input",
             False,
             (1, 50_000_000),
+        ),
+        _Spec(
+            "queue.depth",
+            2,
+            "frames waiting for the model per sensor (cloud frame_id); when full the oldest is dropped",
+            True,
+            (1, 100),
+        ),
+        _Spec(
+            "max_image_pixels",
+            16_000_000,
+            "camera images with more pixels are not used (camera diagnostic): bounds the encoder input",
+            True,
+            (1, 200_000_000),
+        ),
+        _Spec(
+            "max_image_aspect",
+            4.0,
+            "camera images more elongated than this (long / short side) are not used (camera diagnostic)",
+            True,
+            (1.0, 100.0),
         ),
         _Spec(
             "skip_without_subscribers",
@@ -313,6 +337,9 @@ def declare_parameters(node: Node) -> NodeParams:
         output_topic=v["output_topic"],
         intensity_field=v["intensity_field"],
         max_points=int(v["max_points"]),
+        queue_depth=int(v["queue.depth"]),
+        max_image_pixels=int(v["max_image_pixels"]),
+        max_image_aspect=float(v["max_image_aspect"]),
         skip_without_subscribers=bool(v["skip_without_subscribers"]),
         sync_slop=float(v["sync.slop"]),
         sync_queue_size=int(v["sync.queue_size"]),

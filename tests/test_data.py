@@ -426,6 +426,36 @@ def test_nuscenes_layout(tmp_path: Path) -> None:
             NuScenesLidarSegDataset(tmp_path, "v1.0-mini", "train")
 
 
+def test_nuscenes_panoptic_labels(tmp_path: Path) -> None:
+    """panoptic/*.npz (category * 1000 + instance) gives labels and instance ids, replacing lidarseg."""
+    build_tiny_nuscenes(tmp_path)
+    table = tmp_path / "v1.0-mini"
+    rows, truth = [], {}
+    for k, rec in enumerate(json.loads((table / "lidarseg.json").read_text())):
+        category = (np.arange(50) + k) % 32
+        instance = np.where(np.isin(category, [17, 18]), np.arange(50) % 3 + 1, 0)
+        rel = f"panoptic/v1.0-mini/pan{k}_panoptic.npz"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(tmp_path / rel, data=(category * 1000 + instance).astype(np.uint16))
+        rows.append({"token": f"pan{k}", "sample_data_token": rec["sample_data_token"], "filename": rel})
+        truth[rec["sample_data_token"]] = (category, instance)
+    (table / "panoptic.json").write_text(json.dumps(rows))
+    ds = NuScenesLidarSegDataset(tmp_path, with_images=False)
+    seen = 0
+    for i in range(len(ds)):
+        f = ds[i].validate()
+        sd = next(t for t, (c, _) in truth.items() if np.array_equal(
+            f.labels, [NUSCENES_CLASSES.index(n) if (n := GENERAL_TO_LIDARSEG[CATEGORY_NAMES[x]]) else -1
+                       for x in c]))
+        np.testing.assert_array_equal(f.instances, truth[sd][1])
+        seen += 1
+    assert seen == 4
+    bad = tmp_path / rows[0]["filename"]
+    np.savez_compressed(bad, data=np.zeros(3, np.uint16))
+    with pytest.raises(DatasetError, match="3 labels for 50 points"):
+        [ds[i] for i in range(len(ds))]
+
+
 def test_nuscenes_real_keyframe(tmp_path: Path, shared_data: Path) -> None:
     """The real mini keyframe re-packed into the official layout; per-camera ego poses are recovered
     from mmdetection3d's lidar2cam so our chain must reproduce its extrinsics exactly."""

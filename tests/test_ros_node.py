@@ -714,3 +714,286 @@ def test_slow_model_drops_old_frames_counts_them_and_labels_the_newest(harness) 
     t0 = time.monotonic()  # parameters do not wait for the model (0.5 s) that is running now
     assert h.node.set_parameters([Parameter("score_threshold", value=0.1)])[0].successful
     assert time.monotonic() - t0 < 0.3
+
+
+# ------------------------------------------------------------------ issue 8: no valid frame lost to a bad one
+def test_a_malformed_cloud_never_displaces_the_valid_one_before_it(harness) -> None:
+    """Valid cloud at t, the same cloud cut by 10 bytes 1 ms later: every valid one is labelled and
+    every bad one counted as bad input (it used to push the valid one out of the worker's slot)."""
+    h = harness(FakeSegmenter(segment_delay_s=0.02), vocabulary=["a", "b"])
+    stamps = []
+    for k in range(6):
+        good, _ = cloud_msg(400.0 + k, n=2000, seed=k)
+        bad, _ = cloud_msg(400.001 + k, n=2000, seed=k)
+        bad.data = bad.data[:-10]
+        h.cloud_pub.publish(good)
+        h.cloud_pub.publish(bad)
+        stamps.append(good.header.stamp)
+        time.sleep(0.1)
+    assert wait_for(lambda: len(h.outputs) == 6 and h.node.diagnostics.bad_inputs["cloud"] == 6, 5), (
+        f"{len(h.outputs)} of 6 valid clouds labelled, {h.node.diagnostics.snapshot()}"
+    )
+    assert [o.header.stamp for o in h.outputs] == stamps
+    assert h.node.diagnostics.dropped == 0
+
+
+def test_sensors_sharing_a_stamp_are_all_labelled(harness) -> None:
+    """Three LiDARs on one topic with the same stamp: nothing is dropped while the model keeps up
+    between stamps (it used to keep only the newest waiting frame); the queue shows in the
+    snapshot and in /diagnostics."""
+    sensors = ("lidar_left", "lidar_right", "lidar_top")
+    h = harness(FakeSegmenter(segment_delay_s=0.02), vocabulary=["a", "b"], diagnostics_period=0.2)
+    sent = []
+    for k in range(4):
+        for frame_id in sensors:
+            msg, _ = cloud_msg(500.0 + k, n=1500, seed=k)
+            msg.header.frame_id = frame_id
+            h.cloud_pub.publish(msg)
+            sent.append((k, frame_id))
+        time.sleep(0.2)
+    assert wait_for(lambda: len(h.outputs) == 12, 5), f"{len(h.outputs)} of 12 labelled"
+    got = sorted((o.header.stamp.sec - 500, o.header.frame_id) for o in h.outputs)
+    assert got == sorted(sent)
+    snap = h.node.diagnostics.snapshot()
+    assert snap["dropped"] == 0 and snap["queue_high_water"] >= 1
+    diag = wait_for(
+        lambda: [a for a in h.diagnostics if any(s.name == "clip3d: pipeline" for s in a.status)], 5
+    )
+    values = {kv.key: kv.value for s in diag[-1].status if s.name == "clip3d: pipeline" for kv in s.values}
+    assert values["queue_limit_per_sensor"] == "2" and "queue_high_water" in values
+
+
+def test_a_slow_model_drops_per_sensor_and_keeps_the_newest(harness) -> None:
+    h = harness(
+        FakeSegmenter(segment_delay_s=0.3), vocabulary=["a", "b"], **{"queue.depth": 2, "qos.cloud.depth": 50}
+    )
+    for k in range(6):
+        for frame_id in ("a", "b"):
+            msg, _ = cloud_msg(600.0 + 0.01 * k, n=200)
+            msg.header.frame_id = frame_id
+            h.cloud_pub.publish(msg)
+            time.sleep(0.005)
+    snap = lambda: h.node.diagnostics.snapshot()  # noqa: E731
+    assert wait_for(lambda: snap()["frames"] + snap()["dropped"] == 12, 10), snap()
+    newest = {(o.header.frame_id, o.header.stamp.nanosec) for o in h.outputs}
+    for frame_id in ("a", "b"):  # each sensor's newest frame made it, whatever the other one did
+        assert wait_for(lambda f=frame_id: (f, 50_000_000) in {
+            (o.header.frame_id, o.header.stamp.nanosec) for o in h.outputs
+        }, 5), newest
+    assert snap()["queue_high_water"] <= 4
+
+
+def test_bad_layouts_are_bad_input_and_a_bad_intensity_costs_only_the_intensity(harness) -> None:
+    h = harness(vocabulary=["a", "b"])
+    hollow, _ = cloud_msg(700.0, n=50)  # width 0 but 800 bytes: not an empty scan
+    hollow.width = 0
+    hollow.row_step = 0
+    h.cloud_pub.publish(hollow)
+    assert wait_for(lambda: h.node.diagnostics.bad_inputs["cloud"] == 1, 5)
+    assert "carries 800 bytes" in h.node.diagnostics.last_bad_input
+    three = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 3 + [("<f4", (3,))]})
+    pts = np.zeros(300, three)
+    rng = np.random.default_rng(0)
+    for c in "xyz":
+        pts[c] = rng.normal(0, 20, 300)
+    msg = cv.array_to_cloud(pts)
+    msg.header.stamp, msg.header.frame_id = stamp(701.0), "lidar"
+    got = check_labelled(h.publish_and_wait(msg), pts, ["a", "b"])  # labelled from x, y, z
+    assert "intensity" not in got.dtype.names
+    assert h.node.diagnostics.bad_inputs["bad_intensity"] == 1
+    assert len(h.outputs) == 1  # the hollow cloud got no (empty) answer
+
+
+def _camera_harness(harness: Any, **params: Any) -> Any:
+    return harness(
+        FakeSegmenter(),
+        vocabulary=["a", "b"],
+        **{
+            "cameras.names": ["front"],
+            "cameras.front.image_topic": "front/image",
+            "cameras.front.info_topic": "front/info",
+            "cameras.front.T_cam_lidar": T_CAM_LIDAR,
+            "sync.camera_timeout": 0.2,
+            **params,
+        },
+    )
+
+
+def _camera_frame(h: Any, t: float, image: Image, info: CameraInfo) -> dict:
+    img_pub, info_pub = h.publisher(Image, "front/image"), h.publisher(CameraInfo, "front/info")
+    info_pub.publish(info)
+    assert wait_for(lambda: h.node._cameras[0].info is not None)
+    img_pub.publish(image)
+    msg, pts = cloud_msg(t, n=500)
+    out = h.publish_and_wait(msg)
+    check_labelled(out, pts, ["a", "b"])
+    return h.meta_for(out)
+
+
+def test_a_camera_model_that_overflows_when_scaled_removes_the_camera_not_the_frame(harness) -> None:
+    h = _camera_harness(harness)
+    info = info_msg(800.0, h=24, w=32)
+    info.k = [1e308, 0.0, 16.0, 0.0, 1e308, 12.0, 0.0, 0.0, 1.0]  # valid at 32x24, inf at 64x48
+    meta = _camera_frame(h, 800.0, image_msg(800.0, h=48, w=64), info)
+    assert meta["cameras_missing"] == ["front"]
+    cam = h.node.diagnostics.cameras[0]
+    assert cam.errors == 1 and "non-finite" in cam.last_error
+
+
+def test_an_elongated_image_is_not_fed_to_the_encoder(harness) -> None:
+    h = _camera_harness(harness)
+    meta = _camera_frame(h, 900.0, image_msg(900.0, h=2, w=1600), info_msg(900.0, h=2, w=1600))
+    assert meta["cameras_missing"] == ["front"]
+    assert "max_image_aspect" in h.node.diagnostics.cameras[0].last_error
+
+
+def test_sigint_stops_the_node_fast_and_a_second_one_is_harmless(context) -> None:
+    """The console-script entry with a frame in a slow model call: two SIGINTs 50 ms apart (what
+    `ros2 launch` without a terminal sends) -> exit code 0 well within launch's 5 s escalation."""
+    import signal
+    import subprocess
+    import sys
+
+    ns = f"/sig{os.getpid()}"
+    code = (
+        "from clip3d_ros.node import run; from clip3d_ros.testing import FakeSegmenter; "
+        "run(segmenter=FakeSegmenter(segment_delay_s=3.0))"
+    )
+    cmd = [sys.executable, "-c", code, "--ros-args", "-r", f"__ns:={ns}", "-p", "cloud_topic:=points",
+           "-p", "skip_without_subscribers:=false", "-p", "qos.cloud.reliability:=reliable"]  # fmt: skip
+    env = os.environ | {"ROS_DOMAIN_ID": str(ros_domain_id(1)), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peer = Node("sigint_peer", namespace=ns, context=context)
+    try:
+        pub = peer.create_publisher(PointCloud2, f"{ns}/points", QoSProfile(depth=5))
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 30), "node never subscribed"
+        msg, _ = cloud_msg(1.0, n=100)
+        pub.publish(msg)
+        time.sleep(0.5)  # the worker is inside the 3 s model call now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        peer.destroy_node()
+    assert proc.returncode == 0, output[-2000:]
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
+    assert "terminate called" not in output and "Traceback" not in output, output[-2000:]
+
+
+def _rosbags_inputs() -> list[Any]:
+    """rosbags PointCloud2 inputs: organised 8x16, point- and row-padded, big-endian."""
+    from clip3d_ros import bag
+
+    rng = np.random.default_rng(3)
+    out = []
+    organised = np.zeros(128, XYZI)
+    big = np.zeros(100, np.dtype([("x", ">f4"), ("y", ">f4"), ("z", ">f4"), ("intensity", ">u2")]))
+    padded = np.zeros(
+        60,
+        np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4, "offsets": [0, 4, 8, 16],
+                  "itemsize": 24}),
+    )  # fmt: skip
+    for arr in (organised, big, padded):
+        for c in arr.dtype.names:
+            arr[c] = rng.normal(0, 20, len(arr)) if c in "xyz" else rng.uniform(0, 100, len(arr))
+    for k, (arr, height) in enumerate(((organised, 8), (big, 1), (padded, 6))):
+        msg = bag.cloud_msg(arr, bag.header(5_000_000_000 + k * 100_000_000, "lidar"), height=height)
+        if arr is padded:  # 8 bytes of row padding after each of the 6 rows of 10 points
+            rows = np.asarray(msg.data).reshape(6, -1)
+            msg.data = np.concatenate([rows, np.zeros((6, 8), np.uint8)], axis=1).reshape(-1)
+            msg.row_step += 8
+        out.append(msg)
+    return out
+
+
+def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> None:
+    """One labelling path: the node's published cloud and label-bag's recorded one are the same
+    message (every field, the same data bytes) for organised, padded and big-endian inputs."""
+    from rclpy.serialization import deserialize_message
+
+    from clip3d_ros import bag
+    from clip3d_ros.tools.label_bag import BagLabeller, LabelOptions
+
+    names = ["a", "b", "c"]
+    inputs = _rosbags_inputs()
+    in_bag = tmp_path / "in"
+    with bag.BagWriter(in_bag) as writer:
+        writer.add_topic("/lidar/points", bag.T_CLOUD)
+        for msg in inputs:
+            writer.write("/lidar/points", bag.stamp_ns(msg.header), msg)
+    seg = FakeSegmenter()
+    seg.swap_vocabulary(*seg.encode_vocabulary(names))
+    stats = BagLabeller(seg, LabelOptions(progress=False)).run(in_bag, tmp_path / "out")
+    assert stats.labelled == 3
+    reader = bag.open_reader(tmp_path / "out")
+    try:
+        conn = bag.require_topic(reader, "/clip3d/labelled_points", [bag.T_CLOUD])
+        from_bag = [bytes(raw) for _, _, raw in reader.messages([conn])]
+    finally:
+        reader.close()
+
+    h = harness(vocabulary=names)
+    for msg, want in zip(inputs, from_bag, strict=True):
+        rclpy_msg = deserialize_message(bytes(bag.typestore().serialize_cdr(msg, bag.T_CLOUD)), PointCloud2)
+        out = h.publish_and_wait(rclpy_msg)
+        assert (out.height, out.width) == (msg.height, msg.width)
+        recorded = deserialize_message(want, PointCloud2)  # (CDR alignment padding is not data)
+        assert bytes(out.data) == bytes(recorded.data)
+        assert out == recorded  # header, height, width, fields, endianness, steps, is_dense
+
+
+class _FakeTfBuffer:
+    """tf2_ros.Buffer's lookup_transform: a fixed transform, or the exception tf2 raises when
+    nothing is published; records the lookups."""
+
+    def __init__(self, T: np.ndarray | None) -> None:
+        self.T, self.lookups = T, []
+
+    def lookup_transform(self, target: str, source: str, when: Any) -> Any:
+        from geometry_msgs.msg import TransformStamped
+
+        from clip3d_ros.bag import quaternion_from_matrix
+
+        self.lookups.append((target, source, when.nanoseconds))
+        if self.T is None:
+            raise LookupError(f'"{target}" passed to lookupTransform argument target_frame does not exist')
+        msg = TransformStamped()
+        q = quaternion_from_matrix(self.T[:3, :3])
+        msg.transform.rotation.x, msg.transform.rotation.y, msg.transform.rotation.z = q[:3]
+        msg.transform.rotation.w = q[3]
+        msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = self.T[:3, 3]
+        return msg
+
+
+def test_tf_extrinsics_are_looked_up_at_the_cloud_stamp(harness) -> None:
+    h = _camera_harness(harness)
+    T_tf = np.array([[0.0, -1, 0, 0.5], [0, 0, -1, 0.2], [1, 0, 0, -0.1], [0, 0, 0, 1]])
+    h.node._tf_buffer = buffer = _FakeTfBuffer(T_tf)
+    meta = _camera_frame(h, 950.0, image_msg(950.0), info_msg(950.0))
+    assert meta["cameras_used"] == ["front"]
+    assert buffer.lookups == [("front_optical", "lidar", 950 * 10**9)]  # camera <- LiDAR at the cloud stamp
+    np.testing.assert_allclose(h.node._segmenter.last_cameras[0].T_cam_lidar, T_tf, atol=1e-12)
+
+
+def test_without_published_tf_the_static_extrinsics_are_used_and_it_is_logged_once(harness) -> None:
+    h = _camera_harness(harness)
+    h.node._tf_buffer = buffer = _FakeTfBuffer(None)
+    warnings: list[str] = []
+    logger = h.node.get_logger()
+    h.node.get_logger = lambda: type("L", (), {"warning": lambda _, m: warnings.append(m),
+                                                 "error": logger.error, "info": logger.info})()  # fmt: skip
+    for k in range(3):
+        meta = _camera_frame(h, 960.0 + k, image_msg(960.0 + k), info_msg(960.0 + k))
+        assert meta["cameras_used"] == ["front"]
+        np.testing.assert_allclose(
+            h.node._segmenter.last_cameras[0].T_cam_lidar, np.reshape(T_CAM_LIDAR, (4, 4))
+        )
+    assert len(buffer.lookups) == 3
+    tf_warnings = [w for w in warnings if "no TF" in w]
+    assert len(tf_warnings) == 1 and "static extrinsics" in tf_warnings[0]

@@ -243,3 +243,16 @@ def test_events_cover_arrival_reordering() -> None:
     order = [kind for _, kind, _, _ in events]
     assert any(a == "image" and b == "cloud" for a, b in itertools.pairwise(order))
     assert any(a == "cloud" and b == "image" for a, b in itertools.pairwise(order))
+
+
+def test_frame_queue_keeps_the_newest_per_sensor_and_serves_in_arrival_order() -> None:
+    from clip3d_ros.frame_queue import FrameQueue
+
+    q = FrameQueue(2)
+    assert q.put("a", 1) == 0 and q.put("b", 2) == 0 and q.put("a", 3) == 0
+    assert q.put("a", 4) == 1  # a full: its oldest (1) goes, b is untouched
+    assert len(q) == 3 and q.high_water == 3
+    assert [q.pop(), q.pop(), q.pop(), q.pop()] == [2, 3, 4, None]
+    assert not q
+    with pytest.raises(ValueError):
+        FrameQueue(0)

@@ -19,6 +19,13 @@ from clip3d_core.clip import (
 from clip3d_core.config import from_dict, to_dict
 from clip3d_core.data import Frame
 from clip3d_core.data.synthetic import SyntheticConfig, SyntheticWorldDataset
+from clip3d_core.data.synthetic.teacher import (
+    DEFAULT_CONFUSIONS,
+    SimulatedTeacher,
+    SimulatedTeacherConfig,
+    calibrate_noise_sigma,
+    confusion_matrix,
+)
 from clip3d_core.geometry import PinholeCamera, project_points
 from clip3d_core.losses import semantic_alignment_loss, spatial_alignment_loss
 from clip3d_core.pseudo_labels import (
@@ -28,16 +35,11 @@ from clip3d_core.pseudo_labels import (
     point_pseudo_labels,
 )
 from clip3d_core.teacher import (
-    DEFAULT_CONFUSIONS,
     ClipTeacher,
     PointTargets,
-    SimulatedTeacher,
-    SimulatedTeacherConfig,
     Teacher,
     TeacherError,
     TeacherOutput,
-    calibrate_noise_sigma,
-    confusion_matrix,
     frame_point_targets,
 )
 

@@ -67,7 +67,7 @@ def test_overrides_and_bad_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="setting"):
         load_train_config(TINY, ["setting=fully_supervised"])
     with pytest.raises(ConfigError, match="simulated"):
-        load_train_config(TINY, ["data.dataset=semantickitti"])
+        load_train_config(TINY, ["data.dataset=semantickitti", "data.options={}"])
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_train_config(TINY, ["trainer.iterations"])
     with pytest.raises(ConfigError, match="not found"):

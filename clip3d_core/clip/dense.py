@@ -13,7 +13,7 @@ to the input's patch grid, exactly as open_clip resizes it when loading weights 
 from __future__ import annotations
 
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,10 +170,15 @@ class DenseClipEncoder(nn.Module):
         return tuple(max(p, round(d * s / p) * p) for d in image_hw)  # type: ignore[return-value]
 
     def prepare(
-        self, images: Sequence[np.ndarray], short_side: int | None = None
+        self,
+        images: Sequence[np.ndarray],
+        short_side: int | None = None,
+        upload: Callable[[Sequence[np.ndarray]], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[float, float]]:
         """uint8 HxWx3 RGB images of one size -> ([B, 3, H, W] float in [0, 1], (sx, sy)) where
-        (sx, sy) = resized / original size, as `PinholeCamera.scaled` takes it."""
+        (sx, sy) = resized / original size, as `PinholeCamera.scaled` takes it. ``upload`` stacks the
+        uint8 images onto a device (e.g. through reused pinned buffers, `runtime.HostBuffers`), so
+        the conversion and resize run there; default: stacked and resized on the host."""
         if len(images) == 0:
             raise ImageInputError("no images")
         for i, img in enumerate(images):
@@ -187,15 +192,21 @@ class DenseClipEncoder(nn.Module):
         if min(image_hw) < 1:
             raise ImageInputError(f"empty image {image_hw}")
         hw = self.input_size(image_hw, short_side)
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        stacked = upload(images) if upload is not None else torch.from_numpy(np.stack(images))
+        batch = stacked.permute(0, 3, 1, 2).float().div_(255.0)
         if hw != image_hw:
             batch = F.interpolate(batch, size=hw, mode="bilinear", antialias=True, align_corners=False)
             batch = batch.clamp_(0.0, 1.0)
         return batch, (hw[1] / image_hw[1], hw[0] / image_hw[0])
 
-    def encode(self, images: Sequence[np.ndarray], short_side: int | None = None) -> DenseFeatures:
+    def encode(
+        self,
+        images: Sequence[np.ndarray],
+        short_side: int | None = None,
+        upload: Callable[[Sequence[np.ndarray]], torch.Tensor] | None = None,
+    ) -> DenseFeatures:
         """`prepare` + `forward`: the grid maps pixels of the given (original) images."""
-        batch, _ = self.prepare(images, short_side)
+        batch, _ = self.prepare(images, short_side, upload)
         return self(batch.to(self.mean.device), image_hw=tuple(images[0].shape[:2]))
 
     @torch.no_grad()

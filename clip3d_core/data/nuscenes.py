@@ -4,6 +4,8 @@
     <root>/samples/LIDAR_TOP/*.pcd.bin          float32 [N, 5] x, y, z, intensity (0..255), ring
     <root>/samples/CAM_*/*.jpg
     <root>/lidarseg/<version>/<token>_lidarseg.bin   uint8 [N] general category index (category.json)
+    <root>/panoptic/<version>/<token>_panoptic.npz   nuScenes-panoptic: "data" uint16 [N] =
+                                                     category index * 1000 + instance (0 = stuff / none)
 
 Labels: the 32 general categories map to the 16 lidarseg benchmark classes (the official
 lidarseg challenge mapping; noise, animal, static.other, vehicle.ego, ... -> -1 ignore).
@@ -125,6 +127,20 @@ def label_lookup(categories: list[dict[str, Any]]) -> np.ndarray:
     return lut
 
 
+def read_panoptic(path: Path, lut: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """A nuScenes-panoptic .npz -> (class index int64 [N] via ``lut``, -1 ignore; instance id int64 [N])."""
+    try:
+        with np.load(path) as npz:
+            raw = np.asarray(npz["data"]).astype(np.int64).reshape(-1)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read a panoptic 'data' array ({exc})") from exc
+    if raw.size != num_points:
+        raise DatasetError(f"{path}: {raw.size} labels for {num_points} points")
+    if raw.size and (raw.min() < 0 or raw.max() // 1000 >= lut.size):
+        raise DatasetError(f"{path}: category index outside [0, {lut.size})")
+    return lut[raw // 1000], raw % 1000
+
+
 def _scene_names(split: str | Sequence[str]) -> tuple[str, ...] | None:
     """None = every scene of the version."""
     if isinstance(split, str):
@@ -189,9 +205,11 @@ class NuScenesLidarSegDataset(Dataset[Frame]):
 
         lidarseg = table("lidarseg", required=False)
         self._lidarseg = {r["sample_data_token"]: r["filename"] for r in lidarseg}
-        self._lut = label_lookup(table("category")) if lidarseg else None
-        if not lidarseg:
-            log.warning("%s: no lidarseg.json, frames will be unlabelled", table_dir)
+        # nuScenes-panoptic: its labels are the lidarseg ones plus instance ids, so it replaces lidarseg
+        self._panoptic = {r["sample_data_token"]: r["filename"] for r in table("panoptic", required=False)}
+        self._lut = label_lookup(table("category")) if lidarseg or self._panoptic else None
+        if not lidarseg and not self._panoptic:
+            log.warning("%s: no lidarseg.json or panoptic.json, frames will be unlabelled", table_dir)
 
         scene_name = {r["token"]: r["name"] for r in table("scene")}
         wanted = _scene_names(split)
@@ -238,8 +256,11 @@ class NuScenesLidarSegDataset(Dataset[Frame]):
         points = raw.reshape(-1, 5)[:, :4].copy()
         points[:, 3] *= self.intensity_scale
 
-        labels = None
-        if self._lut is not None and lidar["token"] in self._lidarseg:
+        labels = instances = None
+        if self._lut is not None and lidar["token"] in self._panoptic:
+            path = self.root / self._panoptic[lidar["token"]]
+            labels, instances = read_panoptic(path, self._lut, len(points))
+        elif self._lut is not None and lidar["token"] in self._lidarseg:
             lpath = self.root / self._lidarseg[lidar["token"]]
             try:
                 raw_labels = np.fromfile(lpath, dtype=np.uint8)
@@ -262,6 +283,6 @@ class NuScenesLidarSegDataset(Dataset[Frame]):
                     image = np.asarray(im.convert("RGB"))
                 images.append(image)
                 cameras.append(self._camera(name, sd, T_global_lidar, image.shape[:2]))
-        return Frame(points=points, labels=labels, instances=None, images=images, cameras=cameras,
+        return Frame(points=points, labels=labels, instances=instances, images=images, cameras=cameras,
                      class_names=self.class_names, frame_id=sample["token"],
                      stamp_ns=int(lidar["timestamp"]) * 1000, pose=T_global_lidar)

@@ -77,6 +77,15 @@ def map_labels(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _LUT[semantic], (raw >> 16).astype(np.int64)
 
 
+def encode_labels(raw_semantic: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """(raw 16-bit semantic id, instance id) -> uint32 .label words, the inverse of the file's packing."""
+    raw_semantic, instances = np.asarray(raw_semantic, np.int64), np.asarray(instances, np.int64)
+    for name, a in (("semantic", raw_semantic), ("instance", instances)):
+        if a.size and (a.min() < 0 or a.max() > 0xFFFF):
+            raise DatasetError(f"{name} ids must fit in 16 bits, got [{a.min()}, {a.max()}]")
+    return ((instances << 16) | raw_semantic).astype(np.uint32)
+
+
 def read_scan(bin_path: str | Path, label_path: str | Path | None = None
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One velodyne .bin (+ .label) -> (points float32 [N, 4], labels, instances)."""

@@ -22,6 +22,16 @@ class PointOutput:
     valid: Tensor  # [N] bool: finite and inside the model's point range
 
 
+def voxelize_points(points: Tensor, cfg: ModelConfig, batch_index: Tensor | None = None) -> Voxelization:
+    """Assign points [N, >=3] to the model's voxel grid. Out-of-range points and points with any
+    non-finite input channel (e.g. a NaN intensity) are invalid: one NaN in a voxel mean would
+    spread through the convolutions to every neighbour."""
+    xyz = points[:, :3]
+    finite = torch.isfinite(points[:, : cfg.backbone.in_channels]).all(dim=1, keepdim=True)
+    xyz = torch.where(finite, xyz, torch.full_like(xyz, float("nan")))
+    return voxelize(xyz, cfg.voxel_size, cfg.point_range, batch_index)
+
+
 class Clip3DNet(nn.Module):
     """The 3D student: a point's feature is its voxel's U-Net feature concatenated with a small MLP
     of the raw point (and its offset inside the voxel), projected into CLIP's embedding space.
@@ -30,11 +40,11 @@ class Clip3DNet(nn.Module):
     reuse point features across vocabularies; `forward` chains them for training.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         b = cfg.backbone
-        self.backbone = SparseUNet(b)
+        self.backbone = SparseUNet(b, backend)  # `sparse_backend.resolve` picks when None
         self.point_mlp = mlp(b.in_channels + 3, b.point_channels, b.point_channels, b.bn_eps, b.bn_momentum)
         self.head = ProjectionHead(b.out_channels + b.point_channels, cfg.head_hidden, cfg.embed_dim)
         self.fusion = GatedFusion(cfg.embed_dim, cfg.fusion_hidden) if cfg.fusion else None
@@ -46,14 +56,15 @@ class Clip3DNet(nn.Module):
     def temperature(self) -> Tensor:
         return self.classifier.temperature
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's compute dtype (fp16/bf16 after `.half()`/`.bfloat16()`): `encode` and `fuse`
+        cast their inputs to it and return float32 features, so voxelisation and classification
+        stay in float32 whatever the network runs in."""
+        return self.head.net[0].weight.dtype
+
     def voxelize(self, points: Tensor, batch_index: Tensor | None = None) -> Voxelization:
-        """Assign points [N, >=3] to the model's voxel grid. Out-of-range points and points with any
-        non-finite input channel (e.g. a NaN intensity) are invalid: one NaN in a voxel mean would
-        spread through the convolutions to every neighbour."""
-        xyz = points[:, :3]
-        finite = torch.isfinite(points[:, : self.cfg.backbone.in_channels]).all(dim=1, keepdim=True)
-        xyz = torch.where(finite, xyz, torch.full_like(xyz, float("nan")))
-        return voxelize(xyz, self.cfg.voxel_size, self.cfg.point_range, batch_index)
+        return voxelize_points(points, self.cfg, batch_index)
 
     def encode(self, points: Tensor, vox: Voxelization) -> PointOutput:
         """Per-point features from the 3D network alone. points [N, >= in_channels]."""
@@ -69,9 +80,10 @@ class Clip3DNet(nn.Module):
         p = points.index_select(0, idx)[:, :c]
         p2v = vox.point_to_voxel.index_select(0, idx)
         voxel_in = voxel_mean(p, p2v, vox.coords.shape[0])
-        voxel_feat = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        dtype = self.dtype  # means and offsets in the input's precision, then cast (fp16 loses cm at 50 m)
+        voxel_feat = self.backbone(voxel_in.to(dtype), vox.coords, vox.spatial_shape, vox.batch_size)
         offset = (p[:, :3] - voxel_in.index_select(0, p2v)[:, :3]) / self.cfg.voxel_size
-        point_feat = self.point_mlp(torch.cat((p, offset), dim=1))
+        point_feat = self.point_mlp(torch.cat((p, offset), dim=1).to(dtype))
         f = self.head(torch.cat((voxel_feat.index_select(0, p2v), point_feat), dim=1))
         return PointOutput(out.index_copy(0, idx, f.to(out.dtype)), valid)
 
@@ -80,7 +92,9 @@ class Clip3DNet(nn.Module):
         if self.fusion is None:
             raise ValueError("this model was built with fusion=False; it takes no CLIP features")
         mask = out.valid if clip_mask is None else clip_mask & out.valid
-        return PointOutput(self.fusion(out.features, clip_features, mask), out.valid)
+        dtype = self.dtype
+        fused = self.fusion(out.features.to(dtype), clip_features.to(dtype), mask)
+        return PointOutput(fused.to(out.features.dtype), out.valid)
 
     def forward(
         self,

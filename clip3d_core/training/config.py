@@ -184,6 +184,11 @@ class TrainConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     vocabulary: list[str] | None = None  # text entries per class ("car|automobile"); None = class names
     templates: list[str] | None = None
+    # Class vectors from an embedding bank instead of the CLIP text tower: a bank file
+    # (`EmbeddingBank.save`), or "synthetic" for the synthetic world's real-CLIP text geometry
+    # (`clip3d_core.data.synthetic.text_geometry`; the text tower, with a logged reason, where the
+    # shared CLIP embeddings are absent). The model's embedding space is then the bank's.
+    text_bank: str | None = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model_preset: ModelPreset = "small"  # a name of `MODEL_PRESETS`
@@ -204,6 +209,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         check_choices(self)  # every Literal[...] field, also for configs built in code
         self.data.typed_options()  # unknown dataset or options fail here
+        if self.text_bank == "synthetic" and self.data.dataset != "synthetic":
+            raise ConfigError("text_bank 'synthetic' is the synthetic world's class geometry: synthetic only")
         if self.teacher.kind == "simulated" and self.data.dataset != "synthetic":
             raise ConfigError("teacher.kind 'simulated' needs rendered pixel labels: synthetic data only")
         if not is_device_name(self.trainer.device):

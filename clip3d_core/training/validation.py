@@ -75,12 +75,23 @@ class FramePredictor:
         points = torch.as_tensor(frame.points, dtype=torch.float32, device=self.device)
         camera = None
         if self.teacher is not None and frame.cameras:
-            teacher = self.teacher
-
-            def camera(valid: Tensor) -> CameraFeatures:
-                return camera_features(teacher, frame, self.text, valid)
-
+            camera = _FrameCameras(self.teacher, frame, self.text)
         return predict(self.model, points, self.text, camera=camera, score_threshold=self.score_threshold)
+
+
+@dataclass
+class _FrameCameras:
+    """A dataset frame's camera features for `predict` (`frame_point_targets` at the valid points)."""
+
+    teacher: Teacher
+    frame: Frame
+    text: Tensor
+
+    def start(self) -> None:
+        pass
+
+    def features(self, valid: Tensor) -> CameraFeatures:
+        return camera_features(self.teacher, self.frame, self.text, valid)
 
 
 def teacher_predictor(teacher: Teacher, text: Tensor, temperature: float = 0.01) -> Predictor:

@@ -1,0 +1,140 @@
+"""Panoptic network: one cosine head (max over names), concat fusion with a "no image" embedding,
+camera drop-out, query decoder shapes and gradients, and the panoptic merge on hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip3d_core  # noqa: F401  (applies the spconv CPU backward fix first)
+from clip3d_core.geometry import voxelize
+from clip3d_core.model import ModelConfig
+from clip3d_core.model.panoptic import (
+    ConcatFusion,
+    OpenVocabClassifier,
+    PanopticHeadConfig,
+    PanopticModelConfig,
+    PanopticNet,
+    voxel_clip_features,
+)
+from clip3d_core.model.panoptic_merge import panoptic_merge
+
+D = 16
+
+
+def tiny_config(**head) -> PanopticModelConfig:
+    return PanopticModelConfig(ModelConfig.small(embed_dim=D, voxel_size=0.4),
+                               PanopticHeadConfig(hidden=32, num_thing_queries=6, num_stuff_queries=2,
+                                                  num_layers=2, ffn=64, **head))
+
+
+def cloud(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.rand(n, 3, generator=g) * torch.tensor([30.0, 30.0, 3.0]) - torch.tensor([15.0, 15.0, 1.7])
+    return torch.cat([xyz, torch.rand(n, 1, generator=g)], 1)
+
+
+def test_classifier_is_scaled_cosine_max_over_names() -> None:
+    head = OpenVocabClassifier(init_scale=10.0, init_bias=-4.0)
+    embed = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]), dim=1)
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])  # names of classes 0, 1, 1
+    logits = head(embed, text, torch.tensor([0, 1, 1]), 2)
+    expected = torch.tensor([[1.0, 0.0], [0.0, math.sqrt(0.5)]]) * 10.0 - 4.0
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(head(embed, text[:2]), embed @ text[:2].t() * 10.0 - 4.0)  # one name per class
+    logits.sum().backward()
+    assert head.log_scale.grad is not None and head.bias.grad is not None
+    with torch.no_grad():
+        head.log_scale.fill_(10.0)
+    assert float(head.scale.detach()) == pytest.approx(100.0)  # CLIP's cap
+
+
+def test_voxel_clip_features_mean_of_seen_points() -> None:
+    xyz = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [5.1, 0.1, 0.1], [9.0, 0.1, 0.1]])
+    vox = voxelize(xyz, 1.0, (0, 0, 0, 10, 10, 10))
+    clip = torch.tensor([[3.0, 0.0], [float("nan"), 1.0], [0.0, 1.0], [1.0, 1.0]])
+    feats, has = voxel_clip_features(clip, torch.tensor([True, False, True, False]), vox)
+    torch.testing.assert_close(feats, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert has.tolist() == [True, True, False]
+
+
+def test_concat_fusion_uses_no_image_embedding_for_unseen_voxels() -> None:
+    torch.manual_seed(0)
+    fusion = ConcatFusion(4, 3, 8, fusion=True)
+    lidar, clip = torch.randn(3, 4), F.normalize(torch.randn(3, 3), dim=1)
+    seen = torch.tensor([True, False, True])
+    out = fusion(lidar, clip, seen)
+    no_image = fusion.proj(torch.cat((lidar, fusion.no_image.expand(3, -1)), 1))
+    torch.testing.assert_close(out[1], no_image[1])
+    assert not torch.allclose(out[0], no_image[0])
+    torch.testing.assert_close(fusion(lidar, None, None), no_image)  # LiDAR only
+    lidar_only = ConcatFusion(4, 3, 8, fusion=False)
+    torch.testing.assert_close(lidar_only(lidar, clip, seen), lidar_only(lidar, None, None))
+
+
+def test_forward_shapes_gradients_and_camera_dropout() -> None:
+    torch.manual_seed(0)
+    net = PanopticNet(tiny_config(camera_dropout=0.0)).train()
+    pts = torch.cat([cloud(800, 0), cloud(600, 1)])
+    batch = torch.cat([torch.zeros(800), torch.ones(600)]).long()
+    clip = torch.randn(len(pts), D)
+    seen = torch.rand(len(pts)) < 0.6
+    out = net(pts, batch, clip, seen)
+    q = 8
+    counts = out.voxel_offsets.diff().tolist()
+    assert [m.shape for m in out.mask_logits] == [(q, counts[0]), (q, counts[1])]
+    assert out.class_embed.shape == (2, q, D) and sum(counts) == out.vox.num_voxels
+    torch.testing.assert_close(out.class_embed.norm(dim=-1), torch.ones(2, q))
+    assert out.clip.shape == (out.vox.num_voxels, D) and 0 < out.clip_mask.float().mean() < 1
+    text = F.normalize(torch.randn(5, D), dim=1)
+    loss = net.class_logits(out, text).sigmoid().sum() + sum(m.sigmoid().mean() for m in out.mask_logits)
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert net.fusion.no_image.grad.abs().sum() > 0
+
+    # drop-out 1.0 in training == no camera at all; the distillation targets are kept
+    net.zero_grad()
+    dropped_net = PanopticNet(tiny_config(camera_dropout=1.0)).train()
+    dropped_net.load_state_dict(net.state_dict())
+    dropped = dropped_net(pts, batch, clip, seen)
+    lidar_only = dropped_net(pts, batch)
+    for a, b in zip(dropped.mask_logits, lidar_only.mask_logits):
+        torch.testing.assert_close(a, b)
+    assert dropped.clip_mask is not None and lidar_only.clip is None
+    dropped_net.eval()  # no drop-out at inference
+    with_camera, without = dropped_net(pts, batch, clip, seen), dropped_net(pts, batch)
+    assert not torch.allclose(with_camera.mask_logits[0], without.mask_logits[0])
+
+
+def test_merge_hand_case() -> None:
+    # classes: 0 road (stuff), 1 car (thing), 2 vegetation (stuff)
+    thing = torch.tensor([False, True, False])
+    big, small = 10.0, -10.0
+    # 4 queries over 6 voxels: q0 road (v0, v1), q1 road too (v2), q2 car (v3, v4), q3 car (v5)
+    mask = torch.full((4, 6), small)
+    mask[0, :2] = big
+    mask[1, 2] = big
+    mask[2, 3:5] = big
+    mask[3, 5] = big
+    cls = torch.full((4, 3), -8.0)
+    cls[0, 0], cls[1, 0], cls[2, 1], cls[3, 1] = 3.0, 1.0, 2.0, 2.5
+    p2v = torch.tensor([5, 0, 1, 2, 3, 4, 4, -1, 3, 5])  # input order, one point outside the grid
+    out = panoptic_merge(mask, cls, thing, p2v, min_points=1)
+    assert out.semantic.tolist() == [1, 0, 0, 0, 1, 1, 1, -1, 1, 1]
+    # stuff: both road queries merged into instance 0; things numbered in query order
+    assert out.instance.tolist() == [2, 0, 0, 0, 1, 1, 1, 0, 1, 2]
+    assert out.score[3].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    assert out.score[7] == 0
+    # min_points 3: car #2 (2 points) dropped, road (3 points, two queries) kept, car #1 (4) kept
+    out = panoptic_merge(mask, cls, thing, p2v, min_points=3)
+    assert out.semantic.tolist() == [-1, 0, 0, 0, 1, 1, 1, -1, 1, -1]
+    assert out.instance.tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 1, 0]
+    # a query below min_score loses its voxels to the next best query
+    out = panoptic_merge(mask, cls, thing, p2v, min_points=1, min_score=0.9)
+    assert out.semantic[3].item() == 0 and out.instance[3].item() == 0  # voxel 2 -> q0 (road), not q1
+    with pytest.raises(ValueError, match="disagree"):
+        panoptic_merge(mask, cls[:3], thing, p2v, min_points=1)
