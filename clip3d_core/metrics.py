@@ -13,7 +13,6 @@ dataclass) plus one config entry.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clip3d_core.config import ConfigError, from_dict
+from clip3d_core.config import ConfigError
 from clip3d_core.evaluation import ConfusionMatrix, EvaluationReport
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.predictor import Prediction
@@ -89,11 +88,7 @@ def register_metric(name: str) -> Callable[[type], type]:
 def build_metrics(entries: Mapping[str, MetricConfig], context: MetricContext) -> dict[str, Metric]:
     out: dict[str, Metric] = {}
     for key, entry in entries.items():
-        cls = METRICS.get(entry.metric or key)
-        options_cls = getattr(cls, "Options", None)
-        if options_cls is None or not dataclasses.is_dataclass(options_cls):
-            raise ConfigError(f"metric {entry.metric or key!r} has no Options dataclass")
-        options = from_dict(options_cls, dict(entry.options), where=f"evaluation.metrics.{key}")
+        cls, options = METRICS.with_options(entry.metric or key, entry.options, f"evaluation.metrics.{key}")
         out[key] = cls(context, options)
     return out
 

@@ -6,10 +6,11 @@ not registered raises `RegistryError` (a `ConfigError`) listing what is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
-from clip3d_core.config import ConfigError
+from clip3d_core.config import ConfigError, from_dict
 
 T = TypeVar("T")
 
@@ -46,6 +47,15 @@ class Registry(Generic[T]):
         except KeyError:
             known = sorted(self._entries)
             raise RegistryError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+
+    def with_options(self, name: str, options: Mapping[str, Any], where: str) -> tuple[T, Any]:
+        """Entry `name` and its typed options: the entry's nested ``Options`` dataclass built from
+        `options` (unknown keys raise `ConfigError` naming `where`)."""
+        entry = self.get(name)
+        options_cls = getattr(entry, "Options", None)
+        if options_cls is None or not dataclasses.is_dataclass(options_cls):
+            raise RegistryError(f"{self.kind} {name!r} has no Options dataclass")
+        return entry, from_dict(options_cls, dict(options), where=where)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

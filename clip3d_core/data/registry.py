@@ -13,13 +13,11 @@ never overlap. Adding one is one file plus one config entry.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from torch.utils.data import Dataset
 
-from clip3d_core.config import ConfigError, from_dict
 from clip3d_core.data.frame import Frame
 from clip3d_core.registry import Registry
 
@@ -48,7 +46,5 @@ def dataset_source(name: str) -> type[DatasetSource]:
 
 def dataset_options(name: str, options: dict[str, Any]) -> Any:
     """The typed options of dataset `name` (unknown keys raise `ConfigError`)."""
-    options_cls = dataset_source(name).Options
-    if not dataclasses.is_dataclass(options_cls):
-        raise ConfigError(f"dataset {name!r} has no Options dataclass")
-    return from_dict(options_cls, dict(options), where=f"data.options ({name})")
+    dataset_source(name)  # registers the built-in datasets
+    return DATASETS.with_options(name, options, f"data.options ({name})")[1]

@@ -14,7 +14,6 @@ term needs beyond it (e.g. instance targets) without changing this signature.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from clip3d_core.config import ConfigError, from_dict
+from clip3d_core.config import ConfigError
 from clip3d_core.registry import Registry
 
 if TYPE_CHECKING:
@@ -102,11 +101,7 @@ def build_loss_terms(entries: Mapping[str, LossTermConfig]) -> list[WeightedTerm
 
     out = []
     for key, entry in entries.items():
-        cls = LOSSES.get(entry.term or key)
-        options_cls = getattr(cls, "Options", None)
-        if options_cls is None or not dataclasses.is_dataclass(options_cls):
-            raise ConfigError(f"loss term {entry.term or key!r} has no Options dataclass")
-        options = from_dict(options_cls, dict(entry.options), where=f"loss.{key}.options")
+        cls, options = LOSSES.with_options(entry.term or key, entry.options, f"loss.{key}.options")
         out.append(WeightedTerm(key, entry.weight, cls(options)))
     return out
 
