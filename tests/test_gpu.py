@@ -141,9 +141,9 @@ def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
     first = seg.segment(points)
     allocated = seg.runtime.buffers.allocations
     assert allocated > 0 and all(b.is_pinned() for b in seg.runtime.buffers._buffers.values())
-    for n in (len(points), len(points) // 2):  # same size and smaller frames: no new host buffers
-        seg.segment(points[:n])
-        assert seg.runtime.buffers.allocations == allocated
+    for n in (len(points), len(points) // 2, 0):  # same size, smaller, empty: no new host buffers
+        out = seg.segment(points[:n])
+        assert seg.runtime.buffers.allocations == allocated and len(out.labels) == n
     ref = segment(on_backend(model, backend), CUDA, points)
     assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads
 

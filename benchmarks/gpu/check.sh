@@ -48,6 +48,7 @@ LOG=$OUTDIR/check.log
 PHASES=$WORK/phases.tsv
 : >"$PHASES"
 exec > >(tee -a "$LOG") 2>&1
+TEE=$!
 START=$SECONDS
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/clip3d-triton-cache}  # shared by every process
@@ -152,7 +153,11 @@ else
   bench tf32 40 --config small default --points 120000 --precision fp32 --tf32 --runs 15 --warmup 3 \
     --time-budget-s 10
 fi
-report || exit 1
+report
+rc=$?
 rm -rf "$WORK"
 echo "== done in $((SECONDS - START))s: $OUTDIR/gpu_check.md"
 cat "$OUTDIR/gpu_check.md"
+exec >&- 2>&-
+wait "$TEE"  # the log and the caller's output end complete
+exit $rc
