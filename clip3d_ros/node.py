@@ -138,6 +138,7 @@ class _Camera:
     resolver: CameraResolver
     info: CameraInfo | None = None
     kitti: dict[tuple[int, int], PinholeCamera] | None = None  # calibration file per image size
+    tf_fallbacks: int = 0  # frames whose TF lookup failed (static extrinsics used instead)
 
 
 def _stamp_ns(stamp: Any) -> int:
@@ -247,11 +248,19 @@ class Clip3DNode(Node):
     def _load_segmenter(p: NodeParams) -> SegmenterLike:
         if not p.checkpoint:
             raise ParameterError("parameter 'checkpoint' is empty: set it to a clip3d checkpoint (.pt)")
+        from clip3d_core.model.sparse_backend import SparseBackendError
+        from clip3d_core.runtime import RuntimeOptionError, RuntimeOptions
         from clip3d_core.segmenter import Segmenter
 
-        return Segmenter.from_checkpoint(
-            p.checkpoint, device=p.device, embedding_bank=p.embedding_bank or None
-        )
+        try:  # the runtime.* parameters are checked where they are defined
+            runtime = RuntimeOptions(
+                backend=p.sparse_backend or None, precision=p.precision, tf32=p.tf32, compile=p.compile
+            )
+            return Segmenter.from_checkpoint(
+                p.checkpoint, device=p.device, embedding_bank=p.embedding_bank or None, runtime=runtime
+            )
+        except (RuntimeOptionError, SparseBackendError) as exc:
+            raise ParameterError(f"runtime.*: {exc}") from exc
 
     def _encode_or_fail(self, names: list[str]) -> tuple[Any, Any]:
         try:
@@ -573,7 +582,12 @@ class Clip3DNode(Node):
                 camera_frame, lidar_frame, Time.from_msg(cloud.header.stamp)
             )
         except Exception as exc:  # tf2 raises several unrelated types; fall back to static extrinsics
-            self._throttled(f"tf-{cam.params.name}", f"TF {lidar_frame} -> {camera_frame}: {exc}", "warning")
+            cam.tf_fallbacks += 1
+            if cam.tf_fallbacks == 1:  # a tree that is simply not published would log every frame
+                self.get_logger().warning(
+                    f"camera {cam.params.name}: no TF {lidar_frame} -> {camera_frame} ({exc}); using the "
+                    "static extrinsics (T_cam_lidar / calibration_file). Logged once."
+                )
             return None
         return transform_to_matrix(tf.transform)
 

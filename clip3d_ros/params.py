@@ -82,6 +82,10 @@ class CameraParams:
 class NodeParams:
     checkpoint: str
     device: str
+    precision: str
+    sparse_backend: str
+    tf32: bool
+    compile: bool
     embedding_bank: str
     vocabulary: list[str]
     score_threshold: float
@@ -124,6 +128,10 @@ def _specs() -> list[_Spec]:
             "checkpoint", "", "clip3d checkpoint (.pt) to label with; required unless a segmenter is injected"
         ),
         _Spec("device", "cpu", "torch device for the model, e.g. cpu or cuda:0"),
+        _Spec("runtime.precision", "fp32", "fp32 | fp16 | bf16 (CUDA): the 3D network and CLIP image tower"),
+        _Spec("runtime.sparse_backend", "", "'' = automatic | spconv | spconv_triton (checkpoints fit both)"),
+        _Spec("runtime.tf32", False, "allow TF32 in float32 products and sparse convolutions (CUDA)"),
+        _Spec("runtime.compile", False, "torch.compile the model's dense parts (slow first frames)"),
         _Spec(
             "embedding_bank",
             "",
@@ -329,6 +337,10 @@ def declare_parameters(node: Node) -> NodeParams:
     return NodeParams(
         checkpoint=v["checkpoint"],
         device=v["device"],
+        precision=v["runtime.precision"],
+        sparse_backend=v["runtime.sparse_backend"],
+        tf32=bool(v["runtime.tf32"]),
+        compile=bool(v["runtime.compile"]),
         embedding_bank=v["embedding_bank"],
         vocabulary=list(v["vocabulary"]),
         score_threshold=float(v["score_threshold"]),

@@ -12,7 +12,6 @@ os.environ.setdefault("ROS_DOMAIN_ID", "42")
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 _PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds_loopback.xml"
 if _PROFILE.exists():
-    os.environ.setdefault("FASTRTPS_DEFAULT_PROFILES_FILE", str(_PROFILE))
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(_PROFILE))
 
 from clip3d_core.testing import shared_data_dir  # noqa: E402  (after the environment is set)

@@ -884,3 +884,116 @@ def test_sigint_stops_the_node_fast_and_a_second_one_is_harmless(context) -> Non
     assert proc.returncode == 0, output[-2000:]
     assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
     assert "terminate called" not in output and "Traceback" not in output, output[-2000:]
+
+
+def _rosbags_inputs() -> list[Any]:
+    """rosbags PointCloud2 inputs: organised 8x16, point- and row-padded, big-endian."""
+    from clip3d_ros import bag
+
+    rng = np.random.default_rng(3)
+    out = []
+    organised = np.zeros(128, XYZI)
+    big = np.zeros(100, np.dtype([("x", ">f4"), ("y", ">f4"), ("z", ">f4"), ("intensity", ">u2")]))
+    padded = np.zeros(
+        60,
+        np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4, "offsets": [0, 4, 8, 16],
+                  "itemsize": 24}),
+    )  # fmt: skip
+    for arr in (organised, big, padded):
+        for c in arr.dtype.names:
+            arr[c] = rng.normal(0, 20, len(arr)) if c in "xyz" else rng.uniform(0, 100, len(arr))
+    for k, (arr, height) in enumerate(((organised, 8), (big, 1), (padded, 6))):
+        msg = bag.cloud_msg(arr, bag.header(5_000_000_000 + k * 100_000_000, "lidar"), height=height)
+        if arr is padded:  # 8 bytes of row padding after each of the 6 rows of 10 points
+            rows = np.asarray(msg.data).reshape(6, -1)
+            msg.data = np.concatenate([rows, np.zeros((6, 8), np.uint8)], axis=1).reshape(-1)
+            msg.row_step += 8
+        out.append(msg)
+    return out
+
+
+def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> None:
+    """One labelling path: the node's published cloud and label-bag's recorded one are the same
+    message (every field, the same data bytes) for organised, padded and big-endian inputs."""
+    from rclpy.serialization import deserialize_message
+
+    from clip3d_ros import bag
+    from clip3d_ros.tools.label_bag import BagLabeller, LabelOptions
+
+    names = ["a", "b", "c"]
+    inputs = _rosbags_inputs()
+    in_bag = tmp_path / "in"
+    with bag.BagWriter(in_bag) as writer:
+        writer.add_topic("/lidar/points", bag.T_CLOUD)
+        for msg in inputs:
+            writer.write("/lidar/points", bag.stamp_ns(msg.header), msg)
+    seg = FakeSegmenter()
+    seg.swap_vocabulary(*seg.encode_vocabulary(names))
+    stats = BagLabeller(seg, LabelOptions(progress=False)).run(in_bag, tmp_path / "out")
+    assert stats.labelled == 3
+    reader = bag.open_reader(tmp_path / "out")
+    try:
+        conn = bag.require_topic(reader, "/clip3d/labelled_points", [bag.T_CLOUD])
+        from_bag = [bytes(raw) for _, _, raw in reader.messages([conn])]
+    finally:
+        reader.close()
+
+    h = harness(vocabulary=names)
+    for msg, want in zip(inputs, from_bag, strict=True):
+        rclpy_msg = deserialize_message(bytes(bag.typestore().serialize_cdr(msg, bag.T_CLOUD)), PointCloud2)
+        out = h.publish_and_wait(rclpy_msg)
+        assert (out.height, out.width) == (msg.height, msg.width)
+        recorded = deserialize_message(want, PointCloud2)  # (CDR alignment padding is not data)
+        assert bytes(out.data) == bytes(recorded.data)
+        assert out == recorded  # header, height, width, fields, endianness, steps, is_dense
+
+
+class _FakeTfBuffer:
+    """tf2_ros.Buffer's lookup_transform: a fixed transform, or the exception tf2 raises when
+    nothing is published; records the lookups."""
+
+    def __init__(self, T: np.ndarray | None) -> None:
+        self.T, self.lookups = T, []
+
+    def lookup_transform(self, target: str, source: str, when: Any) -> Any:
+        from geometry_msgs.msg import TransformStamped
+
+        from clip3d_ros.bag import quaternion_from_matrix
+
+        self.lookups.append((target, source, when.nanoseconds))
+        if self.T is None:
+            raise LookupError(f'"{target}" passed to lookupTransform argument target_frame does not exist')
+        msg = TransformStamped()
+        q = quaternion_from_matrix(self.T[:3, :3])
+        msg.transform.rotation.x, msg.transform.rotation.y, msg.transform.rotation.z = q[:3]
+        msg.transform.rotation.w = q[3]
+        msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = self.T[:3, 3]
+        return msg
+
+
+def test_tf_extrinsics_are_looked_up_at_the_cloud_stamp(harness) -> None:
+    h = _camera_harness(harness)
+    T_tf = np.array([[0.0, -1, 0, 0.5], [0, 0, -1, 0.2], [1, 0, 0, -0.1], [0, 0, 0, 1]])
+    h.node._tf_buffer = buffer = _FakeTfBuffer(T_tf)
+    meta = _camera_frame(h, 950.0, image_msg(950.0), info_msg(950.0))
+    assert meta["cameras_used"] == ["front"]
+    assert buffer.lookups == [("front_optical", "lidar", 950 * 10**9)]  # camera <- LiDAR at the cloud stamp
+    np.testing.assert_allclose(h.node._segmenter.last_cameras[0].T_cam_lidar, T_tf, atol=1e-12)
+
+
+def test_without_published_tf_the_static_extrinsics_are_used_and_it_is_logged_once(harness) -> None:
+    h = _camera_harness(harness)
+    h.node._tf_buffer = buffer = _FakeTfBuffer(None)
+    warnings: list[str] = []
+    logger = h.node.get_logger()
+    h.node.get_logger = lambda: type("L", (), {"warning": lambda _, m: warnings.append(m),
+                                                 "error": logger.error, "info": logger.info})()  # fmt: skip
+    for k in range(3):
+        meta = _camera_frame(h, 960.0 + k, image_msg(960.0 + k), info_msg(960.0 + k))
+        assert meta["cameras_used"] == ["front"]
+        np.testing.assert_allclose(
+            h.node._segmenter.last_cameras[0].T_cam_lidar, np.reshape(T_CAM_LIDAR, (4, 4))
+        )
+    assert len(buffer.lookups) == 3
+    tf_warnings = [w for w in warnings if "no TF" in w]
+    assert len(tf_warnings) == 1 and "static extrinsics" in tf_warnings[0]

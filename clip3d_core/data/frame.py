@@ -23,7 +23,8 @@ class Frame:
     labels: int64 [N] index into `class_names`, -1 = ignore; None when unlabelled.
     instances: int64 [N] instance id (0 = stuff / none); None when unknown.
     images / cameras: parallel lists; `cameras[i].T_cam_lidar` maps LiDAR points into image i.
-    pixel_labels: int64 [H, W] per image (synthetic only; -1 = sky / nothing).
+    pixel_labels: int64 [H, W] per image (synthetic only; -1 = sky / nothing, -2 = clutter: an
+        object or surface of no class, whose points are labelled -1).
     pixel_instances: int64 [H, W] per image (synthetic only; 0 = stuff / nothing).
     pose: float64 [4, 4] T_world_lidar when known (drives, for TF / accumulation).
     """

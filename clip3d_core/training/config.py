@@ -186,6 +186,11 @@ class TrainConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     vocabulary: list[str] | None = None  # text entries per class ("car|automobile"); None = class names
     templates: list[str] | None = None
+    # Class vectors from an embedding bank instead of the CLIP text tower: a bank file
+    # (`EmbeddingBank.save`), or "synthetic" for the synthetic world's real-CLIP text geometry
+    # (`clip3d_core.data.synthetic.text_geometry`; the text tower, with a logged reason, where the
+    # shared CLIP embeddings are absent). The model's embedding space is then the bank's.
+    text_bank: str | None = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model_preset: str = "small"  # small | default
@@ -210,6 +215,8 @@ class TrainConfig:
         if self.teacher.dense_last_block not in LAST_BLOCK_MODES:
             raise ConfigError(f"teacher.dense_last_block: {self.teacher.dense_last_block!r} not in "
                               f"{LAST_BLOCK_MODES}")
+        if self.text_bank == "synthetic" and self.data.dataset != "synthetic":
+            raise ConfigError("text_bank 'synthetic' is the synthetic world's class geometry: synthetic only")
         if self.teacher.kind == "simulated" and self.data.dataset != "synthetic":
             raise ConfigError("teacher.kind 'simulated' needs rendered pixel labels: synthetic data only")
         if self.model_preset not in ("small", "default"):

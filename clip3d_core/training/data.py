@@ -30,8 +30,10 @@ from clip3d_core.data import (
 )
 from clip3d_core.data.semantickitti import SEQUENCE_SPLITS
 from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeacherConfig
+from clip3d_core.data.synthetic.text_geometry import load_text_geometry
 from clip3d_core.model import ModelConfig
 from clip3d_core.teacher import ClipTeacher, Teacher
+from clip3d_core.testing import shared_data_dir
 from clip3d_core.training.config import DataConfig, TeacherConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,25 @@ def build_vocabulary(cfg: TrainConfig, split: ZeroShotSplit) -> Vocabulary:
 
 
 def build_text(cfg: TrainConfig, loaded: LoadedClip, vocab: Vocabulary) -> tuple[torch.Tensor, EmbeddingBank]:
-    """Class text embeddings [C, D] (prompt ensemble over `cfg.templates`) and the phrase bank
-    that reproduces them (stored in checkpoints, so evaluation uses exactly these vectors)."""
-    encoder = TextEncoder(loaded, cfg.templates or DEFAULT_TEMPLATES)
-    bank = EmbeddingBank.from_text_encoder(encoder, vocab.to_strings())
+    """Class text embeddings [C, D] and the phrase bank that reproduces them (stored in
+    checkpoints, so evaluation uses exactly these vectors): from `cfg.text_bank` when set, else
+    the text tower's prompt ensemble over `cfg.templates`. The bank's identity is the embedding
+    space the model is trained in."""
+    bank = None
+    if cfg.text_bank == "synthetic":
+        try:
+            geometry = load_text_geometry(shared_data_dir(), vocab.names)
+        except KeyError as exc:
+            raise ConfigError(f"text_bank 'synthetic': {exc}") from exc
+        bank = None if geometry is None else geometry.bank()
+        if geometry is not None:
+            log.info("text bank: synthetic world's real-CLIP geometry %s (mean pairwise cosine %.3f)",
+                     geometry.identity, geometry.stats()["mean_pairwise_cosine"])
+    elif cfg.text_bank is not None:
+        bank = EmbeddingBank.load(cfg.text_bank)
+    if bank is None:
+        encoder = TextEncoder(loaded, cfg.templates or DEFAULT_TEMPLATES)
+        bank = EmbeddingBank.from_text_encoder(encoder, vocab.to_strings())
     return bank.lookup(vocab), bank
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from clip3d_core.checkpoint import load_checkpoint, save_checkpoint
 from clip3d_core.clip import load_clip
-from clip3d_core.config import to_dict
+from clip3d_core.config import ConfigError, to_dict
 from clip3d_core.data import collate_frames
 from clip3d_core.model import Clip3DNet
 from clip3d_core.pseudo_labels import label_quality
@@ -125,13 +125,16 @@ class Trainer:
         self.vocab = build_vocabulary(cfg, self.split)
         text, self.bank = build_text(cfg, self.loaded, self.vocab)
         self.text = text.to(self.device)
+        self.identity = self.bank.identity  # the embedding space trained in (CLIP's, or a bank's)
         self.space = LabelSpace(self.split.num_classes, self.split.unseen_ids, cfg.setting)
         self.train_set, self.val_set = build_datasets(cfg.data, self.split)
         self.stages = plan_stages(cfg)
         self.teacher = build_teacher(cfg.teacher, self.loaded) if self._needs_teacher() else None
+        if cfg.teacher.kind == "clip" and self.teacher is not None and self.identity != self.loaded.identity:
+            raise ConfigError(f"text bank {self.identity} != CLIP teacher {self.loaded.identity}")
         self._teacher_cache: dict[str, PointTargets] = {}
 
-        self.model_cfg = build_model_config(cfg, self.loaded.embed_dim)
+        self.model_cfg = build_model_config(cfg, self.identity.embed_dim)
         model = Clip3DNet(self.model_cfg).to(self.device)
         self.model = wrap_model(model, self.info, self.device, sync_batchnorm=cfg.trainer.sync_batchnorm,
                                 find_unused_parameters=cfg.trainer.find_unused_parameters)
@@ -192,7 +195,7 @@ class Trainer:
         }
 
     def _save_model(self, path: Path, stage: str) -> Path:
-        return save_checkpoint(path, self.bare, self.model_cfg, self.cfg.clip, self.loaded.identity,
+        return save_checkpoint(path, self.bare, self.model_cfg, self.cfg.clip, self.identity,
                                vocabulary=self.vocab, text_bank=self.bank, meta=self._meta(stage))
 
     def _save_training_checkpoint(self, stage: str) -> None:
@@ -224,7 +227,7 @@ class Trainer:
         if path is None:
             log.info("resume requested but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
             return
-        ckpt = load_checkpoint(path, identity=self.loaded.identity)
+        ckpt = load_checkpoint(path, identity=self.identity)
         if ckpt.model_config != self.model_cfg:
             raise st.ResumeError(f"{path} was trained with another model config than this run's")
         self.bare.load_state_dict(ckpt.state_dict)

@@ -29,10 +29,9 @@ from tqdm import tqdm
 
 from clip3d_core.clip import ClipLoadError
 from clip3d_core.clip.vocabulary import VocabularyError
-from clip3d_core.geometry import CalibrationError, PinholeCamera
-from clip3d_core.io import ImageFormatError
-from clip3d_core.viz import label_colours
+from clip3d_core.geometry import PinholeCamera
 from clip3d_ros import bag, conversions
+from clip3d_ros.labelling import CAMERA_ERRORS, CameraResolver, ImageLimits, decode_cloud, label_frame
 from clip3d_ros.vocabulary_map import labels_meta_payload
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,7 @@ class LabelOptions:
     storage: str | None = None  # None = the input bag's
     max_frames: int | None = None
     progress: bool = True
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 @dataclass
@@ -80,6 +80,7 @@ class LabelStats:
     copied: Counter[str] = field(default_factory=Counter)
     label_counts: Counter[str] = field(default_factory=Counter)
     cameras_used: Counter[str] = field(default_factory=Counter)
+    issues: Counter[str] = field(default_factory=Counter)  # labelled anyway: bad_intensity, empty_cloud...
 
 
 @dataclass
@@ -115,6 +116,7 @@ class _CameraStream:
     images: _StampIndex
     info: Connection
     infos: _StampIndex
+    resolver: CameraResolver
 
 
 class BagLabeller:
@@ -201,11 +203,11 @@ class BagLabeller:
         return stats
 
     # ------------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _camera_stream(reader: Reader, cam: CameraSource) -> _CameraStream:
+    def _camera_stream(self, reader: Reader, cam: CameraSource) -> _CameraStream:
         image = bag.require_topic(reader, cam.image_topic, [bag.T_IMAGE, bag.T_COMPRESSED])
         info = bag.require_topic(reader, cam.info_topic, [bag.T_CAMERA_INFO])
-        return _CameraStream(cam, image, _index(reader, image), info, _index(reader, info))
+        resolver = CameraResolver(cam.name, limits=self.options.image_limits)
+        return _CameraStream(cam, image, _index(reader, image), info, _index(reader, info), resolver)
 
     @staticmethod
     def _fetch(reader: Reader, conn: Connection, bag_time: int) -> Any:
@@ -232,15 +234,14 @@ class BagLabeller:
                 continue
             try:
                 info = self._fetch(reader, stream.info, info_t)
-                T_cam_lidar = tf.lookup(info.header.frame_id, lidar_frame)
-                camera = conversions.camera_from_info_msg(info, T_cam_lidar, cam.name)
                 rgb = conversions.msg_to_rgb(self._fetch(reader, stream.image, image_t))
-            except (bag.BagError, CalibrationError, ImageFormatError) as exc:
+                camera = stream.resolver.from_info(
+                    info, tf.lookup(info.header.frame_id, lidar_frame), rgb.shape[:2]
+                )
+            except (bag.BagError, *CAMERA_ERRORS) as exc:
                 log.warning("camera %s skipped for the cloud at %d ns: %s", cam.name, stamp, exc)
                 missing.append(cam.name)
                 continue
-            if rgb.shape[:2] != camera.image_hw:  # CameraInfo calibrated at another resolution
-                camera = camera.scaled(rgb.shape[1] / camera.width, rgb.shape[0] / camera.height)
             images.append(rgb)
             cameras.append(camera)
             used.append(cam.name)
@@ -254,29 +255,26 @@ class BagLabeller:
         tf: bag.StaticTransforms,
         stats: LabelStats,
     ) -> tuple[Any, Any]:
-        """One cloud -> (labelled cloud, labels_meta String), both rosbags messages."""
-        records = conversions.cloud_to_array(msg)
-        intensity_field = conversions.find_intensity_field(records, self.options.intensity_field)
-        points = conversions.points_for_model(records, intensity_field)
+        """One cloud -> (labelled cloud, labels_meta String), both rosbags messages; the same
+        records and layout as the node's (`clip3d_ros.labelling`)."""
+        cloud = decode_cloud(msg, self.options.intensity_field)
+        for kind, reason in cloud.issues:
+            stats.issues[kind] += 1
+            log.debug("cloud at %d ns: %s (labelled anyway)", bag.stamp_ns(msg.header), reason)
         stamp = bag.stamp_ns(msg.header)
         lidar_frame = self.options.lidar_frame or msg.header.frame_id
         images, cameras, used, missing = self._images(reader, stamp, lidar_frame, cams, tf)
-        result = self.segmenter.segment(points, images or None, cameras or None)
-        vocab = result.vocabulary
-        out = conversions.labelled_points(
-            points[:, :3],
-            points[:, 3] if intensity_field else None,
-            result.labels,
-            result.scores,
-            label_colours(result.labels, vocab.colours),
+        frame = label_frame(
+            self.segmenter.segment, cloud, images, cameras, vocabulary=self.segmenter.vocabulary
         )
-        stats.label_counts.update(result.class_counts())
+        if frame.result is not None:
+            stats.label_counts.update(frame.result.class_counts())
         stats.cameras_used.update(used)
         meta = labels_meta_payload(
-            msg.header.stamp, msg.header.frame_id, vocab.version, len(out), used, missing
+            msg.header.stamp, msg.header.frame_id, frame.vocabulary.version, len(frame.records), used, missing
         )
         return (
-            bag.cloud_msg(out, msg.header),
+            bag.cloud_msg(frame.records, msg.header, height=frame.height),
             bag.msg_class(bag.T_STRING)(data=json.dumps(meta, separators=(",", ":"))),
         )
 

@@ -1,7 +1,8 @@
 """Pinhole cameras rendered by ray casting the same primitives the LiDAR sees.
 
-Per pixel: class id (-1 = sky), instance id and a simply shaded RGB (per-object albedo, Lambert sun
-+ ambient, world-anchored value noise as texture, windows on buildings, distance haze).
+Per pixel: class id (-1 = sky, -2 = clutter of no class), instance id and a simply shaded RGB
+(per-object albedo, Lambert sun + ambient, world-anchored value noise as texture, windows on
+buildings, distance haze).
 Pixel (col j, row i) is sampled at its centre (j + 0.5, i + 0.5): pixel i spans [i, i + 1), the
 convention of `clip3d_core.geometry.project_points`.
 """
@@ -53,7 +54,7 @@ def _value_noise(p: np.ndarray, scale: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Rendering:
     image: np.ndarray  # [H, W, 3] uint8
-    labels: np.ndarray  # [H, W] int64, -1 = sky
+    labels: np.ndarray  # [H, W] int64, -1 = sky, -2 = clutter (world.CLUTTER)
     instances: np.ndarray  # [H, W] int64
     depth: np.ndarray  # [H, W] float32 along the optical axis, inf = sky
 

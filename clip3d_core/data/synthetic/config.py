@@ -28,6 +28,9 @@ class SceneConfig:
     riders_per_100m: float = 3.0  # bicyclists + motorcyclists, right lane
     cones_per_100m: float = 4.0
     barriers_per_100m: float = 1.5
+    # Objects and surfaces of no class (ignore-labelled points), per side; 0 in the easy world.
+    clutter_per_100m: float = 0.0
+    clutter_surfaces_per_100m: float = 0.0
 
 
 @dataclass

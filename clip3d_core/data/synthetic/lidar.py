@@ -8,7 +8,7 @@ import numpy as np
 
 from clip3d_core.data.synthetic.config import LidarConfig
 from clip3d_core.data.synthetic.raycast import GROUND, cast_rays
-from clip3d_core.data.synthetic.world import Scene
+from clip3d_core.data.synthetic.world import CLUTTER, Scene
 
 
 class LidarConfigError(ValueError):
@@ -90,6 +90,7 @@ class Lidar:
         x, y = hits.point[:, 0], hits.point[:, 1]
         g_sem, _, g_refl = scene.layout.material(x, y)
         semantic = np.where(ground, g_sem, scene.semantic[prim])
+        semantic = np.where(semantic == CLUTTER, -1, semantic)  # no class: ignore-labelled
         instance = np.where(ground, 0, scene.instance[prim])
         refl = np.where(ground, g_refl, scene.reflectivity[prim])
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip3d_core.clip.dense import PatchGrid
+from clip3d_core.data.synthetic.world import CLUTTER, THING_CLASSES
 from clip3d_core.teacher import TeacherError, TeacherOutput
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ DEFAULT_CONFUSIONS: dict[str, str] = {
 
 CONFUSION_UNITS = ("instance", "patch")
 MIXING_MODES = ("area", "majority")
+ERROR_MODELS = ("independent", "clip_like")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,17 @@ class SimulatedTeacherConfig:
     confusion_unit: str = "instance"  # "instance": one draw per object (pixel_instances), per patch for stuff
     mixing: str = "area"  # "area": class mix weighted by pixel area in the patch; "majority": one class
     seed: int = 0
+    # "independent": the pairs above, confused at a fixed rate per object/patch (the easy world).
+    # "clip_like": see `SimulatedTeacher` (partners from text similarity, rates from visible size,
+    # coherent regions for surfaces, clutter looking like any class).
+    error_model: str = "independent"
+    # clip_like: a partner at text cosine >= similarity_range[1] is confused at the full rate,
+    # one at <= similarity_range[0] never.
+    similarity_range: tuple[float, float] = (0.8, 0.95)
+    # clip_like: objects of at least area_range[1] visible pixels are never confused; the rate
+    # rises with log(1 / area) to its full value at area_range[0] pixels.
+    area_range: tuple[float, float] = (16.0, 2048.0)
+    region_patches: int = 3  # clip_like: surfaces are confused in blobs about this many patches wide
 
     def validate(self) -> SimulatedTeacherConfig:
         if self.patch_size < 1:
@@ -85,6 +98,12 @@ class SimulatedTeacherConfig:
             raise TeacherError(f"confusion_unit must be in {CONFUSION_UNITS}, got {self.confusion_unit!r}")
         if self.mixing not in MIXING_MODES:
             raise TeacherError(f"mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
+        if self.error_model not in ERROR_MODELS:
+            raise TeacherError(f"error_model must be one of {ERROR_MODELS}, got {self.error_model!r}")
+        lo, hi = self.similarity_range
+        a_lo, a_hi = self.area_range
+        if not (lo < hi and 0 < a_lo < a_hi and self.region_patches >= 1):
+            raise TeacherError("need similarity_range[0] < [1], 0 < area_range[0] < [1], region_patches >= 1")
         return self
 
 
@@ -146,9 +165,13 @@ class SimulatedTeacher:
 
     For each camera and patch of ``patch_size`` pixels:
 
-    1. every labelled pixel's class c is replaced by a "shown" class drawn from row c of the
-       `confusion_matrix` (one draw per object instance from ``pixel_instances`` when
-       ``confusion_unit="instance"``, one per patch and class for stuff / ``"patch"``);
+    1. every labelled pixel's class c is replaced by a "shown" class. ``error_model="independent"``:
+       drawn from row c of the `confusion_matrix` (one draw per object instance from
+       ``pixel_instances`` when ``confusion_unit="instance"``, one per patch and class for stuff /
+       ``"patch"``): fixed pairs at a fixed rate, errors that average out over frames.
+       ``"clip_like"``: CLIP's kind of mistakes (`_clip_like_shown`): each class has one partner,
+       its nearest class by text cosine; small / far / occluded objects show it, near ones do not;
+       surfaces show it in coherent blobs; clutter (pixel label `CLUTTER`) shows any class;
     2. the patch signal is the mix of the shown classes' text embeddings, weighted by their pixel
        area in the patch (``mixing="area"``: blur at class boundaries, thin objects fade into their
        background) or the majority class only;
@@ -200,30 +223,42 @@ class SimulatedTeacher:
         cfg = self.cfg
         c = len(class_names)
         text_n = F.normalize(text.detach().float().cpu(), dim=1)
-        cdf = confusion_matrix(class_names, cfg.confusions, cfg.confusion_prob).cumsum(1).float()
-        cdf[:, -1] = 1.0 + 1e-6  # rounding guard: a uniform u < 1 never passes the last class
         sigma = self._sigma(text_n)
         frame_id = getattr(frame, "frame_id", "")
-        instances = getattr(frame, "pixel_instances", None) if cfg.confusion_unit == "instance" else None
-        shown_instance = self._instance_draws(instances, pixel_labels, cdf, frame_id)
+        labels = [torch.from_numpy(np.asarray(lab, dtype=np.int64)).reshape(-1) for lab in pixel_labels]
+        grids = [self.grid(tuple(np.shape(lab)[:2])) for lab in pixel_labels]
+        clip_like = None
+        if cfg.error_model == "clip_like":
+            instances = getattr(frame, "pixel_instances", None)
+            if instances is None:
+                raise TeacherError("error_model 'clip_like' needs per-pixel instance ids (pixel_instances)")
+            inst = [torch.from_numpy(np.asarray(i, dtype=np.int64)).reshape(-1) for i in instances]
+            clip_like = self._clip_like_shown(labels, inst, grids, class_names, text_n, frame_id)
+        else:
+            cdf = confusion_matrix(class_names, cfg.confusions, cfg.confusion_prob).cumsum(1).float()
+            cdf[:, -1] = 1.0 + 1e-6  # rounding guard: a uniform u < 1 never passes the last class
+            instances = getattr(frame, "pixel_instances", None) if cfg.confusion_unit == "instance" else None
+            shown_instance = self._instance_draws(instances, pixel_labels, cdf, frame_id)
 
-        features, grids = [], []
-        for m, labels_np in enumerate(pixel_labels):
-            labels = torch.from_numpy(np.asarray(labels_np, dtype=np.int64)).reshape(-1)
-            grid, pix_patch = self.grid(tuple(labels_np.shape[:2]))
+        features = []
+        for m, (lab, (grid, pix_patch)) in enumerate(zip(labels, grids)):
             p = grid.grid_hw[0] * grid.grid_hw[1]
             gen = torch.Generator().manual_seed(_seed(cfg.seed, frame_id, m))
-            # One draw per (patch, true class): every pixel of a class in a patch shows the same.
-            per_patch = _draw(cdf, torch.arange(c).expand(p, c), torch.rand(p, c, generator=gen))
-            valid = (labels >= 0) & (labels < c)
-            shown = torch.full_like(labels, -1)
-            shown[valid] = per_patch[pix_patch[valid], labels[valid]]
-            if shown_instance is not None:
-                inst = torch.from_numpy(np.asarray(instances[m], dtype=np.int64)).reshape(-1)
-                things = valid & (inst > 0)
-                ids, table = shown_instance
-                shown[things] = table[torch.searchsorted(ids, inst[things])]
-            hist = torch.bincount(pix_patch[valid] * c + shown[valid], minlength=p * c).view(p, c).float()
+            if clip_like is not None:
+                shown = clip_like[m]
+            else:
+                # One draw per (patch, true class): every pixel of a class in a patch shows the same.
+                per_patch = _draw(cdf, torch.arange(c).expand(p, c), torch.rand(p, c, generator=gen))
+                valid = (lab >= 0) & (lab < c)
+                shown = torch.full_like(lab, -1)
+                shown[valid] = per_patch[pix_patch[valid], lab[valid]]
+                if shown_instance is not None:
+                    inst_m = torch.from_numpy(np.asarray(instances[m], dtype=np.int64)).reshape(-1)
+                    things = valid & (inst_m > 0)
+                    ids, table = shown_instance
+                    shown[things] = table[torch.searchsorted(ids, inst_m[things])]
+            seen = shown >= 0
+            hist = torch.bincount(pix_patch[seen] * c + shown[seen], minlength=p * c).view(p, c).float()
             if cfg.mixing == "majority":
                 weights = F.one_hot(hist.argmax(1), c).float() * (hist.sum(1, keepdim=True) > 0)
             else:
@@ -231,8 +266,77 @@ class SimulatedTeacher:
             noisy = weights @ text_n + sigma * torch.randn(p, text_n.shape[1], generator=gen)
             feat = F.normalize(noisy, dim=1).t().reshape(-1, *grid.grid_hw)
             features.append(feat.to(text.device))
-            grids.append(grid)
-        return TeacherOutput(features=features, grids=grids, embed_dim=text.shape[1])
+        return TeacherOutput(features=features, grids=[g for g, _ in grids], embed_dim=text.shape[1])
+
+    def partners(self, class_names: Sequence[str], text_n: Tensor) -> tuple[Tensor, Tensor]:
+        """clip_like: (partner [C], strength [C]) of every class.
+
+        The partner is the class with the most similar text vector among classes of the same kind
+        (objects with instances vs surfaces and street furniture: dense CLIP mixes up a car with
+        a bus, not with the road it stands on); strength in [0, 1] rises linearly with that
+        cosine over ``similarity_range``. An explicit ``confusions`` pair overrides both (strength 1).
+        """
+        cfg = self.cfg
+        thing = torch.tensor([n in THING_CLASSES for n in class_names])
+        cos = text_n @ text_n.t()
+        same_kind = thing[:, None] == thing[None, :]
+        cos = cos.masked_fill(~same_kind | torch.eye(len(class_names), dtype=torch.bool), -math.inf)
+        best, partner = cos.max(1)
+        lo, hi = cfg.similarity_range
+        strength = ((best - lo) / (hi - lo)).clamp(0.0, 1.0).nan_to_num(0.0)
+        partner = torch.where(torch.isfinite(best), partner, torch.arange(len(class_names)))
+        index = {_norm_name(n): i for i, n in enumerate(class_names)}
+        for src, dst in cfg.confusions.items():
+            a, b = index.get(_norm_name(src)), index.get(_norm_name(dst))
+            if a is not None and b is not None and a != b:
+                partner[a], strength[a] = b, 1.0
+        return partner, strength
+
+    def _clip_like_shown(self, labels: list[Tensor], instances: list[Tensor],
+                         grids: list[tuple[PatchGrid, Tensor]], class_names: Sequence[str], text_n: Tensor,
+                         frame_id: str) -> list[Tensor]:
+        """Per camera, the class each pixel shows (-1: nothing) under the clip_like error model.
+
+        Objects (instance id > 0, all cameras together): shown as their class's partner with
+        probability ``min(1, 2 * confusion_prob * strength * smallness)``, smallness in [0, 1]
+        from the object's visible pixel area (distance, size and occlusion all shrink it), so a
+        near bus is a bus and a far one is a car, in every frame. Clutter objects (label
+        `CLUTTER`) look like one class each, drawn uniformly. Surfaces: the partner shows in
+        blobs ``region_patches`` patches wide (a smooth random field per camera below
+        ``confusion_prob * strength``), not in scattered patches.
+        """
+        cfg = self.cfg
+        c = len(class_names)
+        partner, strength = self.partners(class_names, text_n)
+        all_lab, all_inst = torch.cat(labels), torch.cat(instances)
+        obj = all_inst > 0
+        ids, inverse, area = torch.unique(all_inst[obj], return_inverse=True, return_counts=True)
+        obj_cls = torch.zeros(len(ids), dtype=torch.long).scatter_(0, inverse, all_lab[obj])
+        a_lo, a_hi = cfg.area_range
+        smallness = (math.log(a_hi) - area.double().log()) / (math.log(a_hi) - math.log(a_lo))
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, frame_id, "objects"))
+        u, look = torch.rand(len(ids), generator=gen), torch.randint(0, c, (len(ids),), generator=gen)
+        known = (obj_cls >= 0) & (obj_cls < c)
+        cls = obj_cls.clamp(0, c - 1)
+        rate = (2.0 * cfg.confusion_prob * strength[cls] * smallness.clamp(0.0, 1.0).float()).clamp(max=1.0)
+        shown_obj = torch.where(u < rate, partner[cls], cls)
+        shown_obj = torch.where(obj_cls == CLUTTER, look, torch.where(known, shown_obj, -1))
+        out = []
+        for m, (lab, (grid, pix_patch)) in enumerate(zip(labels, grids)):
+            gh, gw = grid.grid_hw
+            rp = cfg.region_patches
+            g = torch.Generator().manual_seed(_seed(cfg.seed, frame_id, m, "regions"))
+            coarse = torch.rand(1, 1, gh // rp + 2, gw // rp + 2, generator=g)
+            field = F.interpolate(coarse, size=(gh, gw), mode="bilinear", align_corners=True).reshape(-1)
+            shown = torch.full_like(lab, -1)
+            stuff = (lab >= 0) & (lab < c) & (instances[m] == 0)
+            ls = lab[stuff]
+            flip = field[pix_patch[stuff]] < cfg.confusion_prob * strength[ls]
+            shown[stuff] = torch.where(flip, partner[ls], ls)
+            things = instances[m] > 0
+            shown[things] = shown_obj[torch.searchsorted(ids, instances[m][things])]
+            out.append(shown)
+        return out
 
     def _instance_draws(
         self, instances: list[np.ndarray] | None, pixel_labels: list[np.ndarray], cdf: Tensor, frame_id: str

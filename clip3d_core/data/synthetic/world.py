@@ -40,6 +40,10 @@ CLASS_NAMES: tuple[str, ...] = (
     "barrier",
 )
 CLASS_ID = {name: i for i, name in enumerate(CLASS_NAMES)}
+# Semantic id of clutter: objects and surfaces that belong to no class (bins, benches, kiosks,
+# planters, ramps...). Pixel labels keep it (the simulated teacher sees clutter, unlike sky = -1);
+# LiDAR point labels turn it into -1, ignore, as SemanticKITTI's "unlabeled" / "other-object".
+CLUTTER = -2
 # Countable objects get instance ids (> 0); surfaces and background stay 0 (panoptic convention).
 THING_CLASSES: frozenset[str] = frozenset(
     {"car", "truck", "bus", "pedestrian", "bicyclist", "motorcyclist", "traffic cone", "barrier"}
@@ -74,6 +78,7 @@ _PALETTES: dict[str, list[tuple[float, float, float]]] = {
     "traffic cone": [(1.0, 0.45, 0.05)],
     "barrier": [(0.78, 0.78, 0.74), (0.85, 0.15, 0.1)],
     "tyre": [(0.06, 0.06, 0.06)],
+    "clutter": [(0.35, 0.38, 0.3), (0.6, 0.55, 0.45), (0.2, 0.3, 0.45), (0.7, 0.7, 0.72), (0.45, 0.3, 0.2)],
 }
 
 
@@ -174,7 +179,8 @@ class _Builder:
         self._velocity = (0.0, 0.0, 0.0)
 
     def obj(self, cls: str, velocity: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
-        if cls in THING_CLASSES:
+        # Clutter objects get instance ids too: the simulated teacher shows each one consistently.
+        if cls in THING_CLASSES or cls == "clutter":
             self._instance, self._next_instance = self._next_instance, self._next_instance + 1
         else:
             self._instance = 0
@@ -186,8 +192,10 @@ class _Builder:
         return tuple(np.clip(base * self.rng.uniform(0.88, 1.12), 0, 1))
 
     def add(self, kind: int, cls: str, center, size, yaw: float, albedo) -> None:
-        refl = REFLECTIVITY[CLASS_ID[cls]] * self.rng.uniform(0.85, 1.15)
-        self.rows.append((kind, tuple(center), tuple(size), yaw, self._velocity, CLASS_ID[cls],
+        semantic = CLUTTER if cls == "clutter" else CLASS_ID[cls]
+        base = self.rng.uniform(0.1, 0.6) if cls == "clutter" else REFLECTIVITY[semantic]
+        refl = base * self.rng.uniform(0.85, 1.15)
+        self.rows.append((kind, tuple(center), tuple(size), yaw, self._velocity, semantic,
                           self._instance, tuple(albedo), refl))
 
     def box(self, cls: str, center, half, yaw: float = 0.0, albedo=None) -> None:
@@ -322,6 +330,31 @@ def _traffic_light(b: _Builder, x: float, y: float, side: float, curb: float) ->
     b.box("traffic light", (x, y - side * (arm - 0.3), h - 0.6), (0.15, 0.17, 0.45))
 
 
+def _clutter(b: _Builder, x: float, y: float, curb: float) -> None:
+    """One object of no class: a street-furniture-sized box or cylinder, sometimes a large kiosk /
+    container, on the kerb side of the street."""
+    rng = b.rng
+    b.obj("clutter")
+    kind = rng.random()
+    if kind < 0.45:  # bins, crates, benches, cabinets
+        half = (rng.uniform(0.25, 1.0), rng.uniform(0.2, 0.5), rng.uniform(0.3, 0.7))
+        b.box("clutter", (x, y, curb + half[2]), half, rng.uniform(0, math.pi))
+    elif kind < 0.8:  # bollards, barrels, hydrants, posts
+        r, h = rng.uniform(0.1, 0.4), rng.uniform(0.5, 1.3)
+        b.frustum("clutter", x, y, curb, curb + h, r, r * rng.uniform(0.7, 1.0))
+    else:  # kiosks, skips, site containers
+        half = (rng.uniform(1.0, 3.0), rng.uniform(0.8, 1.5), rng.uniform(0.8, 1.4))
+        b.box("clutter", (x, y, curb + half[2]), half, rng.uniform(-0.2, 0.2))
+
+
+def _clutter_surface(b: _Builder, x: float, y: float) -> None:
+    """A flat patch of no class on the grass strip: gravel, a driveway ramp, a raised planter bed."""
+    rng = b.rng
+    b.obj("clutter")
+    half = (rng.uniform(1.5, 5.0), rng.uniform(0.8, 1.5), rng.uniform(0.03, 0.25))
+    b.box("clutter", (x, y, half[2]), half)
+
+
 # ---------------------------------------------------------------------------------------- layout
 def _poisson_positions(rng: np.random.Generator, x0: float, x1: float, per_100m: float) -> np.ndarray:
     n = rng.poisson(max(per_100m, 0.0) * max(x1 - x0, 0.0) / 100.0)
@@ -450,4 +483,13 @@ def generate_scene(cfg: SceneConfig, rng: np.random.Generator, *, ego_start_x: f
     for x in _poisson_positions(rng, 0.0, L, cfg.barriers_per_100m):
         b.obj("barrier")
         b.box("barrier", (x, -(W + sw - 0.4), curb + 0.45), (1.0, 0.25, 0.45))
+    # Clutter last, so worlds without it draw exactly the random numbers they always drew.
+    if cfg.clutter_per_100m > 0 or cfg.clutter_surfaces_per_100m > 0:
+        for side in (-1.0, 1.0):
+            for x in _poisson_positions(rng, 0.0, L, cfg.clutter_per_100m):
+                if not layout.in_cross(x, sw + 0.5):
+                    _clutter(b, x, side * (W + rng.uniform(0.5, sw + 2.5)), curb)
+            for x in _poisson_positions(rng, 0.0, L, cfg.clutter_surfaces_per_100m):
+                if not layout.in_cross(x, sw + 5.0):
+                    _clutter_surface(b, x, side * (W + sw + rng.uniform(1.5, 3.0)))
     return b.build(layout)
