@@ -5,18 +5,30 @@
 #   CUDA     empty (default) = CPU install: torch==2.13.0 CPU wheel + the CPU `spconv` package.
 #            cu120 | cu121 | cu124 | cu126 = GPU install: the CUDA torch build from your index and the
 #            matching `spconv-cuXXX` wheel (same import name as `spconv`), e.g. `make CUDA=cu126 test`.
+#   GPU      triton = GPU install on any CUDA torch that ships Triton (any CUDA version, Jetson too):
+#            `spconv-triton` runs the sparse convs on the GPU, the CPU `spconv` on CPU, e.g.
+#            `make GPU=triton test`. The backend is chosen per run (CLIP3D_SPARSE_BACKEND, README).
+#   GPU_CHECK_OUT folder of `make gpu-check` (default: outputs/gpu_check)
 #   VENV     venv folder (default: .venv)
 #   DEMO_OUT demo output folder (default: demo_output)
 #   PYTEST_ARGS extra pytest arguments
 
 PYTHON ?= python3
 CUDA ?=
+GPU ?=
 VENV ?= .venv
+GPU_CHECK_OUT ?= outputs/gpu_check
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
 DEVKIT := nuscenes-devkit==1.2.0
 
-SPCONV_EXTRA := $(if $(CUDA),$(CUDA),cpu)
+ifneq ($(filter-out triton,$(GPU)),)
+$(error GPU=$(GPU): only GPU=triton is known (CUDA=cuXXX picks a spconv CUDA build))
+endif
+ifneq ($(and $(GPU),$(CUDA)),)
+$(error give GPU=triton or CUDA=cuXXX, not both)
+endif
+SPCONV_EXTRA := $(or $(GPU),$(CUDA),cpu)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(SPCONV_EXTRA)
 
@@ -26,7 +38,7 @@ export ROS_DOMAIN_ID ?= 42
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -52,6 +64,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/clip3d bench
+
+# The prepared GPU check (benchmarks/gpu/check.sh): gpu tests + bench matrix, under 8 minutes.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu/check.sh --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

@@ -260,15 +260,24 @@ class Clip3DNode(Node):
     def _load_segmenter(p: NodeParams) -> SegmenterLike:
         if not p.checkpoint:
             raise ParameterError("parameter 'checkpoint' is empty: set it to a clip3d checkpoint (.pt)")
+        from clip3d_core.model.sparse_backend import SparseBackendError
+        from clip3d_core.runtime import RuntimeOptionError, RuntimeOptions
         from clip3d_core.segmenter import Segmenter
 
-        try:  # the node's vocabulary is encoded here, once (not the checkpoint's first)
+        try:  # the runtime.* parameters are checked where they are defined
+            runtime = RuntimeOptions(
+                backend=p.sparse_backend or None, precision=p.precision, tf32=p.tf32, compile=p.compile
+            )
+            # The node's vocabulary is encoded here, once (not the checkpoint's first).
             return Segmenter.from_checkpoint(
                 p.checkpoint,
                 device=p.device,
                 embedding_bank=p.embedding_bank or None,
                 vocabulary=p.vocabulary,
+                runtime=runtime,
             )
+        except (RuntimeOptionError, SparseBackendError) as exc:
+            raise ParameterError(f"runtime.*: {exc}") from exc
         except VocabularyError as exc:
             raise ParameterError(f"initial vocabulary unusable: {exc}") from exc
 

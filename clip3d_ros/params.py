@@ -154,6 +154,16 @@ class NodeParams:
         "checkpoint", "", "clip3d checkpoint (.pt) to label with; required unless a segmenter is injected"
     )
     device: str = param("device", "cpu", "torch device for the model, e.g. cpu or cuda:0")
+    precision: str = param(
+        "runtime.precision", "fp32", "fp32 | fp16 | bf16 (CUDA): the 3D network and CLIP image tower"
+    )
+    sparse_backend: str = param(
+        "runtime.sparse_backend", "", "'' = automatic | spconv | spconv_triton (checkpoints fit both)"
+    )
+    tf32: bool = param("runtime.tf32", False, "allow TF32 in float32 products and sparse convolutions (CUDA)")
+    compile: bool = param(
+        "runtime.compile", False, "torch.compile the model's dense parts (slow first frames)"
+    )
     embedding_bank: str = param(
         "embedding_bank",
         "",

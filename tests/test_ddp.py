@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo, env:// on localhost) train the tiny config: both ranks
-must end with identical weights that moved away from the initialisation."""
+must end with identical weights that moved away from the initialisation. `run_two_ranks` is also
+the two-GPU NCCL check (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ WORKER = textwrap.dedent(
     import torch
     from clip3d_core.training import Trainer, load_train_config
 
-    out = sys.argv[1]
-    cfg = load_train_config(sys.argv[2], sys.argv[3:])
+    out, backend = sys.argv[1], sys.argv[2]
+    cfg = load_train_config(sys.argv[3], sys.argv[4:])
     trainer = Trainer(cfg, out_dir=out)
     rank = trainer.info.rank
-    assert trainer.info.world_size == 2 and trainer.info.backend == "gloo", trainer.info
+    assert trainer.info.world_size == 2 and trainer.info.backend == backend, trainer.info
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     init = {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}
     result = trainer.fit()
@@ -42,25 +43,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path: Path) -> None:
+def run_two_ranks(tmp_path: Path, backend: str, extra_overrides: tuple[str, ...] = ()) -> None:
+    """torchrun two ranks of the tiny config (process group ``backend``) and check they agree."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "run"
     overrides = [
         "trainer.iterations=4", "self_training.iterations=2", "self_training.calibration_frames=2",
         "trainer.checkpoint_every=2", "trainer.log_every=2", "trainer.precise_bn_batches=1",
-        "data.val_frames=2",
+        "data.val_frames=2", *extra_overrides,
     ]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(script), str(out), str(REPO / "training" / "synthetic_tiny.yaml"), *overrides,
+        str(script), str(out), backend, str(REPO / "training" / "synthetic_tiny.yaml"), *overrides,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["iterations"] == ranks[1]["iterations"] == 6
     final0, final1 = ranks[0]["final"], ranks[1]["final"]
@@ -78,3 +79,8 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path: Path) -> None:
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and "self_training" in ranks[0]["metrics"]
     # Rank 0 alone wrote the run's files, including a Segmenter-loadable final model.
     assert (out / "final.pt").is_file() and (out / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path: Path) -> None:
+    run_two_ranks(tmp_path, "gloo")

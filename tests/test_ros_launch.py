@@ -220,7 +220,7 @@ def test_fastdds_profile_is_loopback_shm_default() -> None:
 
 
 @pytest.mark.ros
-def test_parameter_file_matches_the_declarations() -> None:
+def test_parameter_file_matches_the_declarations(tmp_path: Path) -> None:
     """rcl parses config/clip3d.yaml for a node named clip3d and every value has the declared type."""
     rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python wheels (rclpy) not installed")
     from rclpy.context import Context
@@ -245,9 +245,35 @@ def test_parameter_file_matches_the_declarations() -> None:
         T = p.cameras[0].T
         assert T.shape == (4, 4) and np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3))
         assert T[:3, :3] @ np.array([1.0, 0, 0]) @ np.array([0, 0, 1.0]) == 1.0  # LiDAR forward = optical z
+        assert (p.precision, p.sparse_backend, p.tf32, p.compile) == ("fp32", "", False, False)
         node.destroy_node()
     finally:
         rclpy.shutdown(context=ctx)
+    _check_runtime_parameters(p, tmp_path)
+
+
+def _check_runtime_parameters(p, tmp_path: Path) -> None:
+    """The runtime.* parameters reach the segmenter; impossible ones stop the start with their reason."""
+    import dataclasses
+
+    import torch
+
+    from clip3d_core.checkpoint import build_untrained_checkpoint
+    from clip3d_core.clip import tiny_clip_config
+    from clip3d_core.model import ModelConfig
+    from clip3d_ros.node import Clip3DNode
+    from clip3d_ros.params import ParameterError
+
+    ckpt = build_untrained_checkpoint(tmp_path / "m.pt", ModelConfig.small(embed_dim=32), tiny_clip_config(),
+                                      vocabulary=["car", "road"])
+    seg = Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), precision="fp16"))
+    assert seg.model.dtype == torch.float16 and seg.runtime.options.precision == "fp16"
+    for bad, match in ((dict(precision="int8"), "precision"), (dict(sparse_backend="minkowski"), "backend"),
+                       (dict(precision="bf16"), "bf16 needs a CUDA device")):
+        if bad.get("precision") == "bf16" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ParameterError, match=match):
+            Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), **bad))
 
 
 def _load_launch_module():

@@ -51,9 +51,10 @@ def model() -> Clip3DNet:
 
 # ---------------------------------------------------------------------- backend choice
 def fake_status(
-    monkeypatch: pytest.MonkeyPatch, spconv_cuda: bool, triton: bool, spconv: bool = True
+    monkeypatch: pytest.MonkeyPatch, spconv_cuda: bool, triton: bool, spconv: bool = True, cuda: bool = True
 ) -> None:
     monkeypatch.setattr(sparse_backend, "spconv_has_cuda", lambda: spconv_cuda)
+    monkeypatch.setattr(sparse_backend, "_cuda_available", lambda: cuda)
     monkeypatch.setattr(
         sparse_backend,
         "available",
@@ -72,6 +73,8 @@ def test_automatic_backend_prefers_spconv_cuda_then_triton_then_cpu_spconv(
     assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=True)
     assert sparse_backend.resolve() == "spconv_triton"
+    fake_status(monkeypatch, spconv_cuda=False, triton=True, cuda=False)  # installed, but no GPU
+    assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=False)
     assert sparse_backend.resolve() == "spconv"
     fake_status(monkeypatch, spconv_cuda=False, triton=False, spconv=False)
@@ -88,7 +91,7 @@ def test_backend_setting_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(sparse_backend.SparseBackendError, match="not one of"):
         sparse_backend.resolve()
     fake_status(monkeypatch, spconv_cuda=False, triton=False)
-    with pytest.raises(sparse_backend.SparseBackendError, match="cannot run here: not installed"):
+    with pytest.raises(sparse_backend.SparseBackendError, match="cannot be used: not installed"):
         sparse_backend.resolve("spconv_triton")
     with pytest.raises(RuntimeOptionError, match="backend"):
         RuntimeOptions(backend="spconv-cu126")
@@ -201,6 +204,25 @@ def test_uploads_on_cpu_are_zero_copy_and_downloads_plain() -> None:
     out = buffers.download({"a": torch.tensor([1, 2], dtype=torch.int32)})
     assert out["a"].tolist() == [1, 2]
     assert buffers.allocations == 0
+
+
+def test_uploads_to_a_device_go_through_the_reused_staging_buffers() -> None:
+    """The staging path (CUDA's) with the meta device standing in for a GPU: shapes, dtypes and
+    staged bytes are right, an empty cloud is fine, and steady frames allocate nothing."""
+    buffers = HostBuffers(torch.device("meta"), pin=True)
+    assert not buffers.pin  # page-locked memory only for CUDA
+    rng = np.random.default_rng(0)
+    for n in (1000, 700, 0, 1000):
+        pts = rng.normal(size=(n, 4)).astype(np.float32)
+        out = buffers.upload("points", pts[:, :4])
+        assert out.device.type == "meta" and out.shape == (n, 4) and out.dtype == torch.float32
+        staged = buffers._buffers["points"][: pts.nbytes].view(torch.float32).view(n, 4)
+        assert np.array_equal(staged.numpy(), pts)
+    images = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(3)]
+    out = buffers.upload("images", images)
+    assert out.shape == (3, 6, 8, 3) and out.dtype == torch.uint8
+    assert np.array_equal(buffers._buffers["images"][: 3 * 144].view(3, 6, 8, 3).numpy(), np.stack(images))
+    assert buffers.allocations == 2  # one per key
 
 
 class FakeEvent:

@@ -8,7 +8,7 @@ shapes do not depend on the backend (tests/test_runtime.py, tests/test_gpu.py).
 The choice: an explicit name (`RuntimeOptions.backend`, `clip3d bench --backend`), else the
 environment variable ``CLIP3D_SPARSE_BACKEND``, else "auto": spconv where its CUDA build is
 installed, spconv-triton where only it can run (CUDA torch, Triton importable), else spconv (the CPU
-build: on CPU nothing changes).
+build: on CPU nothing changes). `check_device` says whether a backend can run on a device.
 """
 
 from __future__ import annotations
@@ -57,15 +57,14 @@ def _cuda_available() -> bool:
 
 
 def available() -> dict[str, str | None]:
-    """Each backend -> None when it can run on this machine, else why not (for messages and reports)."""
+    """Each backend -> None when it is installed and importable here, else why not. (Where it can
+    run is `check_device`'s business: spconv-triton builds models on CPU but runs them on GPUs.)"""
     out: dict[str, str | None] = {}
     out["spconv"] = None if _installed("spconv") else "spconv is not installed"
     if not _installed("spconv_triton"):
         out["spconv_triton"] = "spconv-triton is not installed (make GPU=triton)"
     elif not _installed("triton"):
         out["spconv_triton"] = "spconv-triton needs Triton (it comes with CUDA builds of torch)"
-    elif not _cuda_available():
-        out["spconv_triton"] = "spconv-triton runs on GPUs only and CUDA is not available"
     else:
         out["spconv_triton"] = None
     return out
@@ -73,7 +72,8 @@ def available() -> dict[str, str | None]:
 
 def resolve(name: str | None = None) -> str:
     """The backend to use: ``name`` if given, else $CLIP3D_SPARSE_BACKEND, else the automatic
-    choice. Raises `SparseBackendError` for an unknown name or a backend that cannot run here."""
+    choice (spconv's CUDA build; else spconv-triton where CUDA is available; else spconv). Raises
+    `SparseBackendError` for an unknown name or a backend that is not installed."""
     requested = name or os.environ.get(ENV_VAR) or AUTO
     if requested not in (*BACKENDS, AUTO):
         raise SparseBackendError(f"sparse backend {requested!r} is not one of {(*BACKENDS, AUTO)}")
@@ -81,13 +81,13 @@ def resolve(name: str | None = None) -> str:
     if requested == AUTO:
         if spconv_has_cuda():
             return "spconv"
-        if status["spconv_triton"] is None:
+        if status["spconv_triton"] is None and _cuda_available():
             return "spconv_triton"
         if status["spconv"] is None:
             return "spconv"
-        raise SparseBackendError(f"no sparse-convolution backend can run here: {status}")
+        raise SparseBackendError(f"no sparse-convolution backend is installed: {status}")
     if status[requested] is not None:
-        raise SparseBackendError(f"sparse backend {requested!r} cannot run here: {status[requested]}")
+        raise SparseBackendError(f"sparse backend {requested!r} cannot be used: {status[requested]}")
     return requested
 
 
