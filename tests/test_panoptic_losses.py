@@ -83,7 +83,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
 def focal(logit: float, target: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
     p = 1 / (1 + math.exp(-logit))
     pt = p if target else 1 - p
-    a = alpha if target else 1 - alpha
+    a = 1.0 if alpha < 0 else alpha if target else 1 - alpha  # alpha < 0: no class balancing
     return -a * (1 - pt) ** gamma * math.log(pt)
 
 
@@ -112,7 +112,7 @@ def test_mask_losses_ignore_unlabelled_voxels() -> None:
     wrong = perfect.clone()
     wrong[1, 2] = 20.0
     focal_loss, dice = mask_losses(wrong, match, targets, CFG)
-    assert focal_loss.item() == pytest.approx(focal(20.0, 0) / 3, rel=1e-4)
+    assert focal_loss.item() == pytest.approx(focal(20.0, 0, alpha=CFG.mask_focal_alpha) / 3, rel=1e-4)
     assert dice.item() == pytest.approx(1 - 5 / 6, rel=1e-4)
     none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
                        targets, CFG)

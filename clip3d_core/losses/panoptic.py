@@ -31,8 +31,9 @@ class PanopticLossConfig:
     cost_class: float = 2.0
     cost_mask: float = 5.0
     cost_dice: float = 5.0
-    focal_alpha: float = 0.25
+    focal_alpha: float = 0.25  # classification: most (query, class) pairs are negatives
     focal_gamma: float = 2.0
+    mask_focal_alpha: float = -1.0  # masks: no class balancing (< 0); 0.25 pushed masks towards empty
 
 
 @dataclass
@@ -139,7 +140,8 @@ def mask_losses(mask_logits: Tensor, match: Match, targets: VoxelTargets, cfg: P
         return zero, zero
     logits = mask_logits[match.query][:, targets.labelled]
     tgt = targets.masks[match.segment][:, targets.labelled].to(logits.dtype)
-    focal = sigmoid_focal_loss(logits, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none")
+    focal = sigmoid_focal_loss(logits, tgt, alpha=cfg.mask_focal_alpha, gamma=cfg.focal_gamma,
+                               reduction="none")
     return focal.mean(dim=1).mean(), dice_loss(logits.sigmoid(), tgt).mean()
 
 
