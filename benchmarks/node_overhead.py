@@ -68,15 +68,15 @@ def run_peer(ns: str, points: int, frames: int, timeout_s: float) -> None:
     got: list[tuple[int, int]] = []
     node.create_subscription(
         PointCloud2,
-        f"{ns}/clip3d/labelled_points",
+        f"{ns}/clip3d/output/pointcloud",
         lambda m: got.append((m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, time.time_ns())),
         qos,
     )
-    pub = node.create_publisher(PointCloud2, f"{ns}/points", qos)
+    pub = node.create_publisher(PointCloud2, f"{ns}/clip3d/input/pointcloud", qos)
     msg = array_to_cloud(make_cloud(points))
     msg.header.frame_id = "lidar"
     deadline = time.monotonic() + timeout_s
-    while not (pub.get_subscription_count() and node.count_publishers(f"{ns}/clip3d/labelled_points")):
+    while not (pub.get_subscription_count() and node.count_publishers(f"{ns}/clip3d/output/pointcloud")):
         rclpy.spin_once(node, timeout_sec=0.05)
         if time.monotonic() > deadline:
             raise SystemExit("peer: the node never appeared")
@@ -134,7 +134,6 @@ def bench_case(model: str, points: int, frames: int, checkpoint: Path | None, do
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain)
     overrides = [
-        Parameter("cloud_topic", value="points"),
         Parameter("qos.cloud.reliability", value="reliable"),
     ]
     segmenter = None

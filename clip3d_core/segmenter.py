@@ -245,8 +245,12 @@ class Segmenter:
     def encode_vocabulary(self, names: VocabularyLike) -> tuple[Vocabulary, torch.Tensor]:
         """Build and embed a new vocabulary (with the next version number) without installing it.
         Thread-safe; may take a while with the text tower, so call it off the processing thread."""
-        strings = names.to_strings() if isinstance(names, Vocabulary) else names
-        vocab = Vocabulary.from_strings(strings, version=next(self._versions))
+        version = next(self._versions)
+        vocab = (  # a Vocabulary is already parsed (the node validates a live change once)
+            Vocabulary(names.entries, version=version)
+            if isinstance(names, Vocabulary)
+            else Vocabulary.from_strings(names, version=version)
+        )
         return vocab, self._embed_text(vocab)
 
     def swap_vocabulary(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> bool:

@@ -214,7 +214,6 @@ def node_parameters(checkpoint: Path, vocabulary: list[str], drive_bag: Path) ->
                 "use_sim_time": True,
                 "checkpoint": str(checkpoint),
                 "vocabulary": vocabulary,
-                "cloud_topic": make_bag.CLOUD_TOPIC,
                 "skip_without_subscribers": True,
                 "cameras": {
                     "names": ["front"],
@@ -610,6 +609,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 "--ros-args",
                 "--params-file",
                 str(params_path),
+                # the launch file's remappings: the node's topics are relative
+                "-r",
+                f"~/input/pointcloud:={make_bag.CLOUD_TOPIC}",
+                "-r",
+                f"~/output/pointcloud:={OUTPUT_TOPIC}",
             ]
             node_env = {"OMP_NUM_THREADS": str(cfg.node_threads), **env}  # an explicit setting wins
             with child_process(node_cmd, node_env, cfg.out / "node.log", "node") as node_proc:

@@ -220,7 +220,7 @@ def test_fastdds_profile_is_loopback_shm_default() -> None:
 
 
 @pytest.mark.ros
-def test_parameter_file_matches_the_declarations() -> None:
+def test_parameter_file_matches_the_declarations(tmp_path: Path) -> None:
     """rcl parses config/clip3d.yaml for a node named clip3d and every value has the declared type."""
     rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python wheels (rclpy) not installed")
     from rclpy.context import Context
@@ -242,12 +242,38 @@ def test_parameter_file_matches_the_declarations() -> None:
         assert (p.sync_slop, p.sync_queue_size, p.camera_timeout) == (0.05, 10, 0.15)
         assert p.qos_cloud.reliability == "best_effort" and p.qos_output.reliability == "reliable"
         assert [c.name for c in p.cameras] == ["front"]
-        T = p.cameras[0].T_cam_lidar
+        T = p.cameras[0].T
         assert T.shape == (4, 4) and np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3))
         assert T[:3, :3] @ np.array([1.0, 0, 0]) @ np.array([0, 0, 1.0]) == 1.0  # LiDAR forward = optical z
+        assert (p.precision, p.sparse_backend, p.tf32, p.compile) == ("fp32", "", False, False)
         node.destroy_node()
     finally:
         rclpy.shutdown(context=ctx)
+    _check_runtime_parameters(p, tmp_path)
+
+
+def _check_runtime_parameters(p, tmp_path: Path) -> None:
+    """The runtime.* parameters reach the segmenter; impossible ones stop the start with their reason."""
+    import dataclasses
+
+    import torch
+
+    from clip3d_core.checkpoint import build_untrained_checkpoint
+    from clip3d_core.clip import tiny_clip_config
+    from clip3d_core.model import ModelConfig
+    from clip3d_ros.node import Clip3DNode
+    from clip3d_ros.params import ParameterError
+
+    ckpt = build_untrained_checkpoint(tmp_path / "m.pt", ModelConfig.small(embed_dim=32), tiny_clip_config(),
+                                      vocabulary=["car", "road"])
+    seg = Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), precision="fp16"))
+    assert seg.model.dtype == torch.float16 and seg.runtime.options.precision == "fp16"
+    for bad, match in ((dict(precision="int8"), "precision"), (dict(sparse_backend="minkowski"), "backend"),
+                       (dict(precision="bf16"), "bf16 needs a CUDA device")):
+        if bad.get("precision") == "bf16" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ParameterError, match=match):
+            Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), **bad))
 
 
 def _load_launch_module():
@@ -349,3 +375,48 @@ def test_rviz_config_shows_the_labelled_cloud_by_rgb() -> None:
     assert cloud["Color Transformer"] == "RGB8" and cloud["Topic"]["Value"] == "/clip3d/labelled_points"
     assert "config/*.rviz" in (REPO / "setup.py").read_text()  # installed into share/clip3d_ros/config
     assert "clip3d.rviz" in LAUNCH.read_text()
+
+
+def _yaml_parameters() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "clip3d.yaml").read_text())["/**/clip3d"]["ros__parameters"]
+
+
+def test_parameter_file_validates_against_the_generated_schema() -> None:
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed (the test extra)")
+    from clip3d_ros.params import main, parameter_schema
+
+    schema = json.loads((REPO / "config" / "clip3d.schema.json").read_text())
+    assert schema == parameter_schema() and main([]) == 0  # committed schema and docs table are current
+    import yaml
+
+    document = yaml.safe_load((REPO / "config" / "clip3d.yaml").read_text())
+    jsonschema.validate(document, schema)
+    document["/**/clip3d"]["ros__parameters"]["queue"]["depth"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="minimum"):
+        jsonschema.validate(document, schema)
+    document["/**/clip3d"]["ros__parameters"]["queue"] = {"depth": 2, "size": 3}  # a typo'd name
+    with pytest.raises(jsonschema.ValidationError, match="size"):
+        jsonschema.validate(document, schema)
+
+
+def test_parameter_file_defaults_are_the_declared_ones() -> None:
+    """Defaults are written once (the dataclass fields): the YAML repeats them and must agree, except
+    the example camera it configures."""
+    import dataclasses
+
+    from clip3d_ros.params import NodeParams
+
+    values = _yaml_parameters()
+    for f in dataclasses.fields(NodeParams):
+        spec = f.metadata.get("ros")
+        if spec is None or spec.name.startswith("cameras."):
+            continue
+        node = values
+        for part in spec.name.split("."):
+            node = node[part]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert node == default, spec.name

@@ -206,6 +206,25 @@ def test_uploads_on_cpu_are_zero_copy_and_downloads_plain() -> None:
     assert buffers.allocations == 0
 
 
+def test_uploads_to_a_device_go_through_the_reused_staging_buffers() -> None:
+    """The staging path (CUDA's) with the meta device standing in for a GPU: shapes, dtypes and
+    staged bytes are right, an empty cloud is fine, and steady frames allocate nothing."""
+    buffers = HostBuffers(torch.device("meta"), pin=True)
+    assert not buffers.pin  # page-locked memory only for CUDA
+    rng = np.random.default_rng(0)
+    for n in (1000, 700, 0, 1000):
+        pts = rng.normal(size=(n, 4)).astype(np.float32)
+        out = buffers.upload("points", pts[:, :4])
+        assert out.device.type == "meta" and out.shape == (n, 4) and out.dtype == torch.float32
+        staged = buffers._buffers["points"][: pts.nbytes].view(torch.float32).view(n, 4)
+        assert np.array_equal(staged.numpy(), pts)
+    images = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(3)]
+    out = buffers.upload("images", images)
+    assert out.shape == (3, 6, 8, 3) and out.dtype == torch.uint8
+    assert np.array_equal(buffers._buffers["images"][: 3 * 144].view(3, 6, 8, 3).numpy(), np.stack(images))
+    assert buffers.allocations == 2  # one per key
+
+
 class FakeEvent:
     recorded: ClassVar[list[object]] = []
 

@@ -198,9 +198,12 @@ class PanopticNet(nn.Module):
         self.backbone = SparseUNet(m.backbone)
         self.fusion = ConcatFusion(m.backbone.out_channels, m.embed_dim, h.hidden, h.fusion)
         self.position = PositionEmbedding(h.fourier_bands, h.hidden)
-        self.query_feat = nn.Parameter(torch.randn(h.num_queries, h.hidden) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(h.num_queries, h.hidden) * 0.02)
+        # N(0, 1) as nn.Embedding (Mask2Former): near-identical queries would all attend alike and
+        # predict the same mask, which the Hungarian matching cannot break
+        self.query_feat = nn.Parameter(torch.randn(h.num_queries, h.hidden))
+        self.query_pos = nn.Parameter(torch.randn(h.num_queries, h.hidden))
         self.layers = nn.ModuleList(DecoderLayer(h.hidden, h.num_heads, h.ffn) for _ in range(h.num_layers))
+        self.mask_norm = nn.LayerNorm(h.hidden)  # mask features on one scale whatever the fusion outputs
         self.mask_embed = nn.Sequential(nn.Linear(h.hidden, h.hidden), nn.ReLU(inplace=True),
                                         nn.Linear(h.hidden, h.hidden))
         self.class_embed = nn.Sequential(nn.Linear(h.hidden, h.hidden), nn.ReLU(inplace=True),
@@ -247,7 +250,7 @@ class PanopticNet(nn.Module):
             for layer in self.layers:
                 q = layer(q, q_pos, mem, mem_pos)
             q = q.squeeze(0)
-            masks.append(self.mask_embed(q) @ (mem + mem_pos).squeeze(0).t())
+            masks.append(self.mask_embed(q) @ self.mask_norm((mem + mem_pos).squeeze(0)).t())
             embeds.append(F.normalize(self.class_embed(q), dim=-1))
         return PanopticOutput(vox, offsets, masks, torch.stack(embeds), vclip, vmask)
 
