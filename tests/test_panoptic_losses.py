@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from clip3d_core.losses.panoptic import (
     Match,
     PanopticLossConfig,
+    PanopticLossState,
     VoxelTargets,
     base_class_index,
     classification_loss,
     dice_loss,
     hungarian_match,
-    mask_losses,
+    mask_dice_loss,
+    mask_focal_loss,
     object_distillation_loss,
     panoptic_losses,
     voxel_distillation_loss,
@@ -59,7 +61,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
     masks = seg_of_voxel.unsqueeze(0) == torch.arange(4).unsqueeze(1)
     targets = VoxelTargets(masks, classes, seg_of_voxel >= 0)
     stuff = torch.tensor([5, 6])
-    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, CFG)
+    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, CFG.matching)
     pairs = dict(zip(m.query.tolist(), m.segment.tolist()))
     assert pairs[5] == 3 and 4 not in pairs  # stuff query of class 6 takes its segment; class 5 absent
 
@@ -70,7 +72,8 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
         bce = F.binary_cross_entropy_with_logits(logits, tgt)
         dice = dice_loss(logits.sigmoid()[None], tgt[None])[0]
         cls = class_logits[qi, base_index[classes[si]]].sigmoid()
-        return float(CFG.cost_class * -cls + CFG.cost_mask * bce + CFG.cost_dice * dice)
+        c = CFG.matching
+        return float(c.cost_class * -cls + c.cost_mask * bce + c.cost_dice * dice)
 
     things = [0, 1, 2]
     best = min(sum(cost(qi, si) for qi, si in zip(perm, things))
@@ -92,7 +95,8 @@ def test_classification_focal_over_base_classes() -> None:
     base_index = base_class_index(4, (0, 3))  # dataset classes 0 and 3 are base (1, 2 novel)
     everywhere = torch.ones(5, dtype=torch.bool)
     targets = VoxelTargets(everywhere[None], torch.tensor([3]), everywhere)
-    loss = classification_loss(logits, Match(torch.tensor([2]), torch.tensor([0])), targets, base_index, CFG)
+    loss = classification_loss(logits, Match(torch.tensor([2]), torch.tensor([0])), targets, base_index,
+                               alpha=0.25, gamma=2.0)
     # query 2 -> class 3 = base column 1; queries 0, 1 all negatives; normalised by 1 match
     expected = (focal(2.0, 0) + focal(-1.0, 0) + focal(0.5, 0) + focal(-3.0, 0) + focal(-2.0, 0)
                 + focal(1.0, 1))
@@ -107,15 +111,20 @@ def test_mask_losses_ignore_unlabelled_voxels() -> None:
     targets = VoxelTargets(masks, torch.tensor([0]), labelled)
     match = Match(torch.tensor([1]), torch.tensor([0]))
     perfect = torch.tensor([[0.0] * 5, [20.0, 20.0, -20.0, 5.0, -7.0]])
-    focal_loss, dice = mask_losses(perfect, match, targets, CFG)
+    alpha, gamma = CFG.mask_focal_alpha, CFG.focal_gamma
+
+    def mask_losses(logits: torch.Tensor, m: Match) -> tuple[torch.Tensor, torch.Tensor]:
+        focal_part = mask_focal_loss(logits, m, targets, alpha=alpha, gamma=gamma)
+        return focal_part, mask_dice_loss(logits, m, targets)
+
+    focal_loss, dice = mask_losses(perfect, match)
     assert focal_loss.item() < 1e-8 and dice.item() < 1e-6  # voxels 3, 4 (unlabelled) do not count
     wrong = perfect.clone()
     wrong[1, 2] = 20.0
-    focal_loss, dice = mask_losses(wrong, match, targets, CFG)
+    focal_loss, dice = mask_losses(wrong, match)
     assert focal_loss.item() == pytest.approx(focal(20.0, 0, alpha=CFG.mask_focal_alpha) / 3, rel=1e-4)
     assert dice.item() == pytest.approx(1 - 5 / 6, rel=1e-4)
-    none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
-                       targets, CFG)
+    none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
     assert none[0].item() == 0 and none[1].item() == 0
 
 
@@ -166,10 +175,15 @@ def test_panoptic_losses_batch() -> None:
     logits = torch.randn(2, 4, 3, generator=g, requires_grad=True)
     clip = [F.normalize(torch.randn(v, 5, generator=g), dim=1) for v in (3, 2)]
     seen = [torch.tensor([True, False, True]), torch.tensor([True, True])]
-    out = panoptic_losses(masks, embed, logits, targets, base_index, torch.tensor([2]), CFG, clip, seen)
+    stuff = torch.tensor([2])
+    state = PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, CFG.matching,
+                                      clip, seen)
+    assert [m.query.tolist() for m in state.matches][1] == []  # nothing to match in the unlabelled sample
+    out = panoptic_losses(state, CFG)
     assert set(out) == {"class", "mask", "dice", "object", "voxel", "total"}
     assert out["total"].item() == pytest.approx(sum(out[k].item() for k in out if k != "total"), rel=1e-6)
     out["total"].backward()
     assert masks[1].grad.abs().sum() > 0  # the unlabelled sample still learns through L_V
-    no_clip = panoptic_losses(masks, embed, logits, targets, base_index, torch.tensor([2]), CFG)
+    no_clip = panoptic_losses(PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff,
+                                                        CFG.matching), CFG)
     assert set(no_clip) == {"class", "mask", "dice", "total"}

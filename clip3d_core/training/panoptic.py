@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 
 from clip3d_core.data.panoptic import PanopticSplit
-from clip3d_core.losses.panoptic import PanopticLossConfig, base_class_index, panoptic_losses, voxel_targets
+from clip3d_core.losses.panoptic import (
+    PanopticLossConfig,
+    PanopticLossState,
+    base_class_index,
+    panoptic_losses,
+    voxel_targets,
+)
 from clip3d_core.model.panoptic import PanopticNet, PanopticOutput
 from clip3d_core.model.panoptic_merge import PanopticPoints, panoptic_merge
 from clip3d_core.teacher import PointTargets
@@ -71,8 +77,9 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
             vmask.append(out.clip_mask[v0:v1])
     class_logits = model.class_logits(out, task.base_text)
     base_index = base_class_index(task.split.num_classes, task.split.base_ids)
-    return panoptic_losses(out.mask_logits, out.class_embed, class_logits, targets, base_index,
-                           task.stuff_classes, task.loss, vclip or None, vmask or None)
+    state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
+                                      task.stuff_classes, task.loss.matching, vclip or None, vmask or None)
+    return panoptic_losses(state, task.loss)
 
 
 @torch.no_grad()
