@@ -35,7 +35,7 @@ from clip3d_core.checkpoint import load_checkpoint, save_checkpoint
 from clip3d_core.clip import load_clip
 from clip3d_core.config import ConfigError, to_dict
 from clip3d_core.data import collate_frames
-from clip3d_core.model import Clip3DNet
+from clip3d_core.model import Clip3DNet, sparse_backend
 from clip3d_core.pseudo_labels import label_quality
 from clip3d_core.teacher import PointTargets, frame_point_targets
 from clip3d_core.training import state as st
@@ -135,7 +135,7 @@ class Trainer:
         self._teacher_cache: dict[str, PointTargets] = {}
 
         self.model_cfg = build_model_config(cfg, self.identity.embed_dim)
-        model = Clip3DNet(self.model_cfg).to(self.device)
+        model = Clip3DNet(self.model_cfg, backend=sparse_backend.for_device(self.device)).to(self.device)
         self.model = wrap_model(model, self.info, self.device, sync_batchnorm=cfg.trainer.sync_batchnorm,
                                 find_unused_parameters=cfg.trainer.find_unused_parameters)
         self.optimizer = self._optimizer(model)
