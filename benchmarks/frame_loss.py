@@ -75,6 +75,9 @@ def run_once(scenario: str, pairs: int, points: int, gap_s: float, model_s: floa
             Parameter("qos.cloud.reliability", value="reliable"),
             Parameter("qos.cloud.depth", value=50),
             Parameter("skip_without_subscribers", value=False),
+            # Trees before issue 8 took the topics as parameters; later ones ignore these.
+            Parameter("cloud_topic", value="~/input/pointcloud"),
+            Parameter("output_topic", value="~/output/pointcloud"),
         ],
     )
     peer = Node("frameloss_peer", namespace=ns, context=ctx)

@@ -208,12 +208,12 @@ class Runtime:
     def prepare_model(self, model: Clip3DNet) -> Clip3DNet:
         """The model on the device, in eval mode, on the requested backend and precision (its
         cosine classifier stays float32), dense parts compiled when asked; TF32 set."""
-        backend = sparse_backend.resolve(self.options.backend) if self.options.backend else None
-        sparse_backend.check_device(backend or model.backbone.backend, self.device)
-        if backend is not None and backend != model.backbone.backend:
+        current = model.backbone.backend
+        backend = sparse_backend.for_device(self.device, self.options.backend, current)
+        if backend != current:
             rebuilt = Clip3DNet(model.cfg, backend=backend)
             rebuilt.load_state_dict(model.state_dict(), strict=True)  # same names on every backend
-            log.info("model moved from %s to %s", model.backbone.backend, backend)
+            log.info("model moved from the %s backend to %s for %s", current, backend, self.device)
             model = rebuilt
         model = model.to(self.device, self.dtype).eval()
         model.classifier.float()

@@ -18,6 +18,7 @@ consistent (vocabulary, text embeddings) pair at its start.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -138,6 +139,8 @@ class Segmenter:
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
+        # On CUDA frames share the runtime's staging buffers and streams: one frame at a time.
+        self._frame_lock = threading.Lock() if self.runtime.cuda else contextlib.nullcontext()
         self._versions = itertools.count(1)
         self._state: tuple[Vocabulary, torch.Tensor] | None = None
         self._warned_columns = False
@@ -359,8 +362,8 @@ class Segmenter:
         threshold = self.score_threshold if score_threshold is None else score_threshold
 
         rt = self.runtime
-        watch = rt.timer()
-        with torch.inference_mode():
+        with self._frame_lock, torch.inference_mode():
+            watch = rt.timer()
             x = rt.buffers.upload("points", pts)
             camera = None
             if use_images:
@@ -375,11 +378,12 @@ class Segmenter:
             scores = host["score"].copy()
             features = pred.features.float().cpu().numpy() if return_features else None
             watch.lap("classify")
+            timings = watch.total()
         return SegmentationResult(
             labels=labels,
             scores=scores,
             vocabulary=vocab,
             valid=valid,
-            timings_ms=watch.total(),
+            timings_ms=timings,
             features=features,
         )

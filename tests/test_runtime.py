@@ -97,6 +97,26 @@ def test_backend_setting_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         RuntimeOptions(backend="spconv-cu126")
 
 
+def test_the_backend_for_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine with the CPU spconv and spconv-triton (make GPU=triton): CPU runs take spconv,
+    CUDA runs spconv-triton, whatever the model was built with; an explicit choice must fit."""
+    monkeypatch.delenv(sparse_backend.ENV_VAR, raising=False)
+    fake_status(monkeypatch, spconv_cuda=False, triton=True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sparse_backend.for_device(cpu, current="spconv_triton") == "spconv"
+    assert sparse_backend.for_device(cuda, current="spconv") == "spconv_triton"
+    assert sparse_backend.for_device(cuda) == "spconv_triton"
+    with pytest.raises(sparse_backend.SparseBackendError, match="GPUs only"):
+        sparse_backend.for_device(cpu, requested="spconv_triton")
+    monkeypatch.setenv(sparse_backend.ENV_VAR, "spconv")
+    with pytest.raises(sparse_backend.SparseBackendError, match="CPU build"):
+        sparse_backend.for_device(cuda, current="spconv_triton")
+    monkeypatch.delenv(sparse_backend.ENV_VAR)
+    fake_status(monkeypatch, spconv_cuda=False, triton=True, spconv=False)
+    with pytest.raises(sparse_backend.SparseBackendError, match="no installed sparse backend runs on cpu"):
+        sparse_backend.for_device(cpu)
+
+
 def test_on_this_cpu_machine_nothing_changes() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check")
@@ -138,7 +158,8 @@ def test_a_model_is_rebuilt_on_the_requested_backend_with_its_weights(
     backend that is spconv again under another name: the same weights give the same labels."""
     monkeypatch.setitem(sparse_backend._MODULES, "other", "spconv.pytorch")
     monkeypatch.setattr(sparse_backend, "BACKENDS", (*sparse_backend.BACKENDS, "other"))
-    monkeypatch.setattr(sparse_backend, "available", lambda: {"spconv": None, "other": None})
+    monkeypatch.setattr(sparse_backend, "available",
+                        lambda: {"spconv": None, "spconv_triton": "not installed", "other": None})
     monkeypatch.setattr(sparse_backend, "check_device", lambda *a: None)
     pts = cloud()
     ref = segmenter(model).segment(pts)

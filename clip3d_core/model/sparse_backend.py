@@ -103,6 +103,30 @@ def check_device(backend: str, device: torch.device) -> None:
         )
 
 
+def for_device(device: torch.device, requested: str | None = None, current: str | None = None) -> str:
+    """The backend to run on ``device``: ``requested`` (or $CLIP3D_SPARSE_BACKEND) when given, which
+    must run there; else ``current`` (a model's) when it runs there; else the automatic choice or
+    another installed backend that does (a CPU run on a spconv-triton GPU machine takes spconv)."""
+    explicit = requested or os.environ.get(ENV_VAR)
+    if explicit:
+        backend = resolve(explicit)
+        check_device(backend, device)
+        return backend
+    status = available()
+    try:
+        automatic = [resolve()]
+    except SparseBackendError:
+        automatic = []
+    installed = [b for b in BACKENDS if status[b] is None]
+    for backend in [*([current] if current else []), *automatic, *installed]:
+        try:
+            check_device(backend, device)
+        except SparseBackendError:
+            continue
+        return backend
+    raise SparseBackendError(f"no installed sparse backend runs on {device}: {status}")
+
+
 def module(backend: str) -> ModuleType:
     """The `pytorch` module (the spconv.pytorch API) of a backend name `resolve` returned."""
     if backend not in _MODULES:

@@ -39,7 +39,7 @@ from clip3d_core.data import collate_frames
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.losses import LossInputs, build_loss_terms, combine_losses
 from clip3d_core.metrics import SemanticMetric
-from clip3d_core.model import Clip3DNet
+from clip3d_core.model import Clip3DNet, sparse_backend
 from clip3d_core.predictor import CameraFeatures, predict
 from clip3d_core.pseudo_labels import label_quality
 from clip3d_core.teacher import PointTargets, frame_point_targets
@@ -140,7 +140,7 @@ class Trainer:
             raise ConfigError(f"text bank {self.identity} != CLIP teacher {self.loaded.identity}")
         self._teacher_cache: dict[str, PointTargets] = {}
 
-        model = Clip3DNet(self.model_cfg).to(self.device)
+        model = Clip3DNet(self.model_cfg, backend=sparse_backend.for_device(self.device)).to(self.device)
         self.model = wrap_model(model, self.info, self.device, sync_batchnorm=cfg.trainer.sync_batchnorm,
                                 find_unused_parameters=cfg.trainer.find_unused_parameters)
         self.optimizer = self._optimizer(model)
