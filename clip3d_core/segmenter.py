@@ -18,6 +18,7 @@ consistent (vocabulary, text embeddings) pair at its start.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -112,6 +113,8 @@ class Segmenter:
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
+        # On CUDA frames share the runtime's staging buffers and streams: one frame at a time.
+        self._frame_lock = threading.Lock() if self.runtime.cuda else contextlib.nullcontext()
         self._versions = itertools.count(1)
         self._state: tuple[Vocabulary, torch.Tensor] | None = None
         self._warned_columns = False
@@ -376,10 +379,10 @@ class Segmenter:
 
         n = pts.shape[0]
         rt = self.runtime
-        watch = rt.timer()
         labels = np.full(n, UNLABELLED, dtype=np.uint16)
         scores = np.zeros(n, dtype=np.float32)
-        with torch.inference_mode():
+        with self._frame_lock, torch.inference_mode():
+            watch = rt.timer()
             x = rt.buffers.upload("points", pts)
             vox = self.model.voxelize(x)
             watch.lap("voxelise")
@@ -404,6 +407,7 @@ class Segmenter:
             scores[valid] = host["score"][valid]
             features = out.features.float().cpu().numpy() if return_features else None
             watch.lap("classify")
+            timings = watch.total()
         if threshold is not None:
             labels[valid & (scores < threshold)] = UNLABELLED
         return SegmentationResult(
@@ -411,6 +415,6 @@ class Segmenter:
             scores=scores,
             vocabulary=vocab,
             valid=valid,
-            timings_ms=watch.total(),
+            timings_ms=timings,
             features=features,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,28 @@ def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
         assert seg.runtime.buffers.allocations == allocated and len(out.labels) == n
     ref = segment(on_backend(model, backend), CUDA, points)
     assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads
+
+
+@with_backends
+def test_frames_from_two_threads_share_the_buffers_safely(
+    model: Clip3DNet, points: np.ndarray, backend: str
+) -> None:
+    seg = segmenter(on_backend(model, backend), CUDA)
+    halves = (points[: len(points) // 2], points[len(points) // 2 :])
+    serial = [seg.segment(h) for h in halves]
+    results: dict[int, list[SegmentationResult]] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        results[i] += [seg.segment(halves[i]) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        for out in results[i]:
+            assert agreement(out, serial[i]) >= 0.999
 
 
 @with_backends
