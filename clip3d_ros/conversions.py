@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_core.clip.vocabulary import UNLABELLED_COLOUR
 from clip3d_core.geometry import CalibrationError, PinholeCamera, camera_from_camera_info
 from clip3d_core.io import INTENSITY_FIELDS, CloudFormatError, ImageFormatError
+from clip3d_core.labels import UNLABELLED_COLOUR
 
 __all__ = [
     "DATATYPES",

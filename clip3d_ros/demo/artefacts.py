@@ -29,7 +29,7 @@ def training_world(train_config: Path) -> SyntheticConfig:
     """The synthetic world (sensors) the model is trained on, so the demo drives the same sensors."""
     from clip3d_core.training import load_train_config
 
-    return load_train_config(train_config).data.synthetic
+    return load_train_config(train_config).data.typed_options().world
 
 
 def prepare_bag(cfg: DemoConfig) -> tuple[Path, SyntheticConfig]:
