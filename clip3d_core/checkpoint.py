@@ -1,13 +1,18 @@
 """The clip3d checkpoint: one self-describing torch file (model config + weights + CLIP identity).
 
-Layout (format_version 1)::
+Layout (format_version 2)::
 
-    {"format": "clip3d", "format_version": 1,
+    {"format": "clip3d", "format_version": 2,
      "model_config": ModelConfig as a plain dict, "state_dict": {name: tensor},
      "clip": {"config": ClipConfig dict, "identity": ClipIdentity dict},
+     "dense": DenseConfig dict (how the CLIP image features a fusion model reads are made),
      "vocabulary": ["car|automobile", ...] | None,
      "text_bank": EmbeddingBank.to_dict() (names, vectors, identity, ...) | None,
      "meta": {plain data: clip3d_version, created, epoch, metrics, ...}}
+
+Everything inference needs is a typed field; ``meta`` is a record for people (inference never
+reads it). Format 1 (no "dense"; a fusion model's dense settings were only in
+``meta["train_config"]["teacher"]``) still loads: `_dense_of_format_1` reads them there, once.
 
 Only plain containers and tensors are stored, so it loads with ``torch.load(weights_only=True)``
 (no pickled code runs on load). Every way a file can be unusable raises `CheckpointError` naming
@@ -31,13 +36,14 @@ import torch
 from torch import Tensor, nn
 
 from clip3d_core.clip import ClipConfig, ClipIdentity, EmbeddingBank, Vocabulary
+from clip3d_core.clip.dense import DenseConfig
 from clip3d_core.config import ConfigError, from_dict, to_dict
 from clip3d_core.model import Clip3DNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT = "clip3d"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _REQUIRED = ("model_config", "state_dict", "clip")
 _MAX_LISTED = 8  # keys listed per kind in a state-dict mismatch message
 
@@ -59,6 +65,7 @@ class Checkpoint:
     text_bank: EmbeddingBank | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    dense: DenseConfig = field(default_factory=DenseConfig)
 
     def build_model(self, device: str | torch.device = "cpu") -> Clip3DNet:
         """A `Clip3DNet` with these weights, in eval mode on `device`."""
@@ -101,8 +108,10 @@ def save_checkpoint(
     vocabulary: Vocabulary | Sequence[str] | None = None,
     text_bank: EmbeddingBank | None = None,
     meta: Mapping[str, Any] | None = None,
+    dense: DenseConfig | None = None,
 ) -> Path:
-    """Write `model`'s weights with everything needed to rebuild and use it. Atomic (temp file +
+    """Write `model`'s weights with everything needed to rebuild and use it (``dense``: how the CLIP
+    image features it was trained on were made; default `DenseConfig()`). Atomic (temp file +
     rename), so a crash mid-save never leaves a truncated checkpoint under `path`.
 
     `meta` must hold plain data only (numbers, strings, lists, dicts, tensors)."""
@@ -127,6 +136,7 @@ def save_checkpoint(
         "model_config": to_dict(model_cfg),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "clip": {"config": to_dict(clip_cfg), "identity": identity.as_dict()},
+        "dense": to_dict(dense or DenseConfig()),
         "vocabulary": _plain_vocabulary(vocabulary),
         "text_bank": bank,
         "meta": {
@@ -218,6 +228,12 @@ def _check_state_dict(model_cfg: ModelConfig, state_dict: Mapping[str, Any], pat
         raise CheckpointError(f"state dict in {path} does not fit its model config: " + "; ".join(problems))
 
 
+def _dense_of_format_1(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Format 1 kept a fusion model's dense settings only in the training config it recorded."""
+    teacher = (meta.get("train_config") or {}).get("teacher") or {}
+    return {"last_block": teacher.get("dense_last_block", "value"), "short_side": teacher.get("short_side")}
+
+
 def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> Checkpoint:
     """Read and validate a checkpoint. With `identity`, also require that CLIP (see
     `Checkpoint.check_identity`)."""
@@ -249,8 +265,12 @@ def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> C
         model_cfg = from_dict(ModelConfig, raw["model_config"])
         clip_cfg = from_dict(ClipConfig, raw["clip"]["config"])
         clip_id = ClipIdentity.from_dict(raw["clip"]["identity"])
-    except (ConfigError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: invalid model/CLIP configuration: {exc}") from exc
+        dense_data = raw.get("dense") if version >= 2 else _dense_of_format_1(raw.get("meta") or {})
+        dense = from_dict(DenseConfig, dense_data or {}, where="dense")
+    except (ConfigError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} (format version {version}): invalid model/CLIP/dense configuration: {exc}"
+        ) from exc
     state_dict = raw["state_dict"]
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}, not a dict")
@@ -289,6 +309,7 @@ def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> C
         text_bank=bank,
         meta=dict(raw.get("meta") or {}),
         format_version=version,
+        dense=dense,
     )
     if identity is not None:
         ckpt.check_identity(identity)

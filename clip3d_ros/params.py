@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_core.clip.vocabulary import MAX_ENTRIES, Vocabulary, VocabularyError
+from clip3d_core.clip.vocabulary import Vocabulary, VocabularyError
+from clip3d_core.labels import MAX_CLASSES
 
 __all__ = [
     "DEFAULT_VOCABULARY",
@@ -172,7 +173,7 @@ class NodeParams:
     vocabulary: list[str] = param(  # noqa: RUF009 (a field with a default_factory)
         "vocabulary",
         DEFAULT_VOCABULARY,
-        f"class names; synonyms joined by '|' (e.g. 'car|automobile'); label i = entry i; 1..{MAX_ENTRIES}"
+        f"class names; synonyms joined by '|' (e.g. 'car|automobile'); label i = entry i; 1..{MAX_CLASSES}"
         f" unique entries of at most {MAX_ENTRY_CHARS} characters",
         live=True,
         array_type="string",
@@ -358,8 +359,8 @@ def parse_vocabulary(entries: Any) -> Vocabulary:
         raise ParameterError(f"vocabulary: expected a list of strings, got {type(entries).__name__}")
     if not entries:
         raise ParameterError("vocabulary is empty")
-    if len(entries) > MAX_ENTRIES:
-        raise ParameterError(f"vocabulary: {len(entries)} entries; at most {MAX_ENTRIES}")
+    if len(entries) > MAX_CLASSES:
+        raise ParameterError(f"vocabulary: {len(entries)} entries; at most {MAX_CLASSES}")
     long = [e for e in entries if isinstance(e, str) and len(e) > MAX_ENTRY_CHARS]
     if long:
         raise ParameterError(

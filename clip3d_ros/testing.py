@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_core.clip import UNLABELLED, Vocabulary
+from clip3d_core.clip import Vocabulary
+from clip3d_core.labels import UNLABELLED
 from clip3d_core.segmenter import SegmentationResult
 
 __all__ = ["FakeSegmenter", "fake_labels", "ros_domain_id", "wait_for"]

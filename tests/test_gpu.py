@@ -201,8 +201,8 @@ def test_a_training_step_runs_on_cuda(tmp_path: Path, frame_cache: Path, amp: st
     repo = Path(__file__).resolve().parents[1]
     cfg = load_train_config(str(repo / "training" / "synthetic_tiny.yaml"), [
         "trainer.device=cuda", f"trainer.amp={amp}", "trainer.iterations=3", "self_training.enabled=false",
-        "trainer.checkpoint_every=3", "trainer.precise_bn_batches=1", "data.train_frames=4",
-        "data.val_frames=2", f"data.cache_dir={frame_cache}",
+        "trainer.checkpoint_every=3", "trainer.precise_bn_batches=1", "data.options.train_frames=4",
+        "data.options.val_frames=2", f"data.options.cache_dir={frame_cache}",
     ])
     trainer = Trainer(cfg, out_dir=tmp_path / "run")
     init = {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip3d_core.geometry import Voxelization, voxel_mean
-from clip3d_core.losses.classification import cosine_logits
 from clip3d_core.model.config import ModelConfig
 from clip3d_core.model.network import voxelize_points
 from clip3d_core.model.unet import SparseUNet
+from clip3d_core.similarity import cosine_logits
 
 
 @dataclass(frozen=True)
