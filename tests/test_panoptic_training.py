@@ -17,7 +17,6 @@ from clip3d_core.data.panoptic import load_panoptic_split
 from clip3d_core.data.synthetic import SyntheticConfig, SyntheticWorld
 from clip3d_core.data.synthetic.config import CameraConfig, LidarConfig
 from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeacherConfig
-from clip3d_core.losses.panoptic import PanopticLossConfig
 from clip3d_core.model import ModelConfig
 from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticModelConfig, PanopticNet
 from clip3d_core.panoptic_quality import PanopticQuality
@@ -51,27 +50,28 @@ def make_model() -> PanopticNet:
 
 def train(frames, text, targets, iterations: int) -> tuple[PanopticNet, list[dict[str, float]]]:
     model = make_model().train()
-    task = PanopticTask(SPLIT, text, PanopticLossConfig())
+    task = PanopticTask(SPLIT, text)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = collate_frames(frames)
     history = []
     for _ in range(iterations):
-        losses = training_losses(model, task, batch, targets)
+        parts = training_losses(model, task, batch, targets)
         opt.zero_grad()
-        losses["total"].backward()
+        parts.total.backward()
         opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
+        history.append(parts.scalars)
     return model, history
 
 
 def test_tiny_run_loss_falls_and_predicts(data) -> None:
     frames, text, targets = data
     model, history = train(frames, text, targets, 30)
-    first = np.mean([h["total"] for h in history[:5]])
-    last = np.mean([h["total"] for h in history[-5:]])
+    first = np.mean([h["loss"] for h in history[:5]])
+    last = np.mean([h["loss"] for h in history[-5:]])
     assert last < 0.7 * first, (first, last)
-    for term in ("mask", "dice", "voxel"):
-        assert np.mean([h[term] for h in history[-5:]]) < np.mean([h[term] for h in history[:5]]), term
+    for term in ("panoptic_mask", "panoptic_dice", "voxel_distill", "object_distill"):
+        key = f"loss/{term}"
+        assert np.mean([h[key] for h in history[-5:]]) < np.mean([h[key] for h in history[:5]]), term
     model.eval()
     thing = torch.from_numpy(SPLIT.spec.thing_mask())
     preds = predict(model, collate_frames(frames), text, thing, min_points=SPLIT.spec.min_points,
