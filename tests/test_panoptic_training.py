@@ -20,8 +20,9 @@ from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeache
 from clip3d_core.model import ModelConfig
 from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticModelConfig, PanopticNet
 from clip3d_core.panoptic_quality import PanopticQuality
+from clip3d_core.predictor import CameraFeatures, predict_panoptic
 from clip3d_core.teacher import PointTargets, frame_point_targets
-from clip3d_core.training.panoptic import PanopticTask, predict, training_losses
+from clip3d_core.training.panoptic import PanopticTask, training_losses
 
 D = 16
 SPLIT = load_panoptic_split("synthetic_b13n4")
@@ -74,16 +75,21 @@ def test_tiny_run_loss_falls_and_predicts(data) -> None:
         assert np.mean([h[key] for h in history[-5:]]) < np.mean([h[key] for h in history[:5]]), term
     model.eval()
     thing = torch.from_numpy(SPLIT.spec.thing_mask())
-    preds = predict(model, collate_frames(frames), text, thing, min_points=SPLIT.spec.min_points,
-                    point_targets=targets)
+    batch = collate_frames(frames)
+    with torch.no_grad():
+        preds = predict_panoptic(model, batch["points"], text, thing, min_points=SPLIT.spec.min_points,
+                                 batch_index=batch["batch_index"],
+                                 camera=CameraFeatures(targets.features, targets.visible))
     metric = PanopticQuality(SPLIT.classes, SPLIT.spec.thing_mask(), min_points=SPLIT.spec.min_points,
                              novel=SPLIT.novel_mask())
     for f, p in zip(frames, preds):
-        assert p.semantic.shape == (f.num_points,) and (p.instance[p.semantic < 0] == 0).all()
-        is_stuff = p.semantic >= 0
-        is_stuff[is_stuff.clone()] = ~thing[p.semantic[is_stuff]]
-        assert (p.instance[is_stuff] == 0).all()
-        metric.update(p.semantic, p.instance, f.labels, f.instances)
+        instances = p.extras["instances"]
+        assert p.labels.shape == (f.num_points,) and (instances[p.labels < 0] == 0).all()
+        is_stuff = p.labels >= 0
+        is_stuff[is_stuff.clone()] = ~thing[p.labels[is_stuff]]
+        assert (instances[is_stuff] == 0).all() and (instances[~is_stuff & (p.labels >= 0)] > 0).all()
+        assert torch.allclose(p.features[p.valid].norm(dim=1), torch.ones(int(p.valid.sum())), atol=1e-5)
+        metric.update(p.labels, instances, f.labels, f.instances)
     report = metric.report()
     assert report.summary["pq"] > 0  # 30 iterations on 2 frames: some segment is recognised
 

@@ -3,7 +3,7 @@
 `PanopticTask` holds what a split fixes (base classes, base-stuff queries, thing mask, text) and the
 configured loss terms (`clip3d_core.losses.terms.panoptic`, weights in the `loss` list). The losses
 see base-class text and base-class segments only (`PanopticSplit.training_targets`), while
-`predict` scores every class of the vocabulary with the same cosine head.
+`clip3d_core.predictor.predict_panoptic` scores every class of the vocabulary with the same cosine head.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from clip3d_core.data.panoptic import PanopticSplit
@@ -27,8 +26,7 @@ from clip3d_core.losses.registry import (
     combine_losses,
 )
 from clip3d_core.losses.terms.panoptic import PANOPTIC_KEY, default_panoptic_loss
-from clip3d_core.model.panoptic import PanopticNet, PanopticOutput
-from clip3d_core.model.panoptic_merge import PanopticPoints, panoptic_merge
+from clip3d_core.model.panoptic import PanopticNet, point_embeddings
 from clip3d_core.teacher import PointTargets
 
 
@@ -54,21 +52,6 @@ class PanopticTask:
         return torch.tensor(self.split.base_stuff_ids, dtype=torch.long)
 
 
-def _sample_point_to_voxel(out: PanopticOutput, batch_index: Tensor, b: int) -> Tensor:
-    """Sample b's points -> rows of its own voxel block (-1 outside the grid)."""
-    p2v = out.vox.point_to_voxel[batch_index == b]
-    return torch.where(p2v >= 0, p2v - out.voxel_offsets[b], p2v)
-
-
-def point_embeddings(out: PanopticOutput) -> Tensor:
-    """[N, D] unit per-point embedding rebuilt from the queries (mask probability x class embedding,
-    what L_V distils), zero outside the grid: the panoptic model's semantic point features."""
-    voxel = torch.cat([m.sigmoid().t() @ e for m, e in zip(out.mask_logits, out.class_embed)])
-    p2v = out.vox.point_to_voxel
-    feats = F.normalize(voxel, dim=1)[p2v.clamp(min=0)]
-    return torch.where(out.vox.valid.unsqueeze(1), feats, torch.zeros_like(feats))
-
-
 def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any],
                     point_targets: PointTargets | None) -> LossParts:
     """One forward pass and the configured loss terms of a collated batch (`combine_losses`; the
@@ -88,7 +71,7 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
         semantic.append(torch.from_numpy(t.semantic))
         v0, v1 = int(out.voxel_offsets[b]), int(out.voxel_offsets[b + 1])
         targets.append(voxel_targets(torch.from_numpy(t.segment), torch.from_numpy(t.segment_class),
-                                     _sample_point_to_voxel(out, batch_index, b), v1 - v0))
+                                     out.sample_point_to_voxel(batch_index, b), v1 - v0))
         if out.clip is not None:
             vclip.append(out.clip[v0:v1])
             vmask.append(out.clip_mask[v0:v1])
@@ -103,18 +86,3 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
                         text=task.text, logits=model.classifier(features, task.text),
                         point_targets=point_targets, extras={PANOPTIC_KEY: state})
     return combine_losses(task.terms, inputs)
-
-
-@torch.no_grad()
-def predict(model: PanopticNet, batch: dict[str, Any], text: Tensor, thing: Tensor, *, min_points: int,
-            point_targets: PointTargets | None = None, name_class: Tensor | None = None
-            ) -> list[PanopticPoints]:
-    """Per sample, per point (input order): semantic label, instance id, score for the vocabulary
-    ``text`` ([T, D] names, ``name_class`` [T] their classes; None = one name per class)."""
-    points, batch_index = batch["points"], batch["batch_index"]
-    clip = None if point_targets is None else point_targets.features
-    seen = None if point_targets is None else point_targets.visible
-    out = model(points, batch_index, clip, seen)
-    logits = model.class_logits(out, text, name_class, int(thing.shape[0]))
-    return [panoptic_merge(out.mask_logits[b], logits[b], thing, _sample_point_to_voxel(out, batch_index, b),
-                           min_points=min_points) for b in range(batch["batch_size"])]
