@@ -5,6 +5,7 @@ per-point labels / instance ids that the PQ metric accepts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -123,3 +124,25 @@ def test_novel_ground_truth_never_reaches_training(data) -> None:
         swapped.append(dataclasses.replace(f, labels=labels))
     c, _ = train(swapped, text, targets, 3)
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_clip3d_train_panoptic_setting(tmp_path) -> None:
+    """`clip3d train` with training/synthetic_panoptic_tiny.yaml: a panoptic checkpoint and PQ metrics."""
+    from pathlib import Path
+
+    from clip3d_core.checkpoint import load_checkpoint
+    from clip3d_core.cli import main
+    from clip3d_core.config import ConfigError
+    from clip3d_core.training import load_train_config
+
+    config = Path(__file__).resolve().parents[1] / "training" / "synthetic_panoptic_tiny.yaml"
+    args = ["train", "--config", str(config), "--out", str(tmp_path), "--set", "trainer.iterations=3"]
+    assert main(args) == 0
+    ckpt = load_checkpoint(tmp_path / "final.pt")
+    assert ckpt.panoptic is not None and ckpt.panoptic.min_points == 15 and "bus" in ckpt.panoptic.things
+    assert ckpt.panoptic.head.num_stuff_queries == len(SPLIT.base_stuff_ids)
+    assert isinstance(ckpt.build_model(), PanopticNet)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["panoptic"]
+    assert {"pq", "pq_novel_things", "pq_novel_stuff", "miou", "hiou"} <= set(metrics)
+    with pytest.raises(ConfigError, match="disable pseudo"):
+        load_train_config(config, ["pseudo.enabled=true"])
