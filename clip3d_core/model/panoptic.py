@@ -75,6 +75,16 @@ class PanopticModelConfig:
     head: PanopticHeadConfig = field(default_factory=PanopticHeadConfig)
 
 
+@dataclass(frozen=True)
+class PanopticInfo:
+    """What a panoptic checkpoint adds to a semantic one: the head's sizes, the thing classes (names;
+    a live vocabulary's entries named so get instance ids) and the minimum segment size of the merge."""
+
+    head: PanopticHeadConfig
+    things: tuple[str, ...]
+    min_points: int
+
+
 @dataclass
 class PanopticOutput:
     """Per-voxel predictions of a batch; voxel rows are grouped by sample (`voxel_offsets`).
