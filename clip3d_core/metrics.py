@@ -135,3 +135,5 @@ def merged_results(metrics: Mapping[str, Metric]) -> dict[str, Any]:
         out.update(values)
     return out
 
+
+from clip3d_core import panoptic_quality as _panoptic_quality  # noqa: E402, F401  (registers "panoptic")

@@ -18,6 +18,8 @@ from torch import Tensor
 
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.model import Clip3DNet
+from clip3d_core.model.panoptic import PanopticNet, point_embeddings
+from clip3d_core.model.panoptic_merge import panoptic_merge
 
 
 @dataclass
@@ -110,3 +112,37 @@ def predict(
     if score_threshold is not None:
         labels = torch.where(scores < score_threshold, IGNORE_INDEX, labels)
     return Prediction(features=out.features, logits=logits, labels=labels, scores=scores, valid=out.valid)
+
+
+def predict_panoptic(
+    model: PanopticNet,
+    points: Tensor,
+    text: Tensor,
+    thing: Tensor,
+    *,
+    min_points: int,
+    batch_index: Tensor | None = None,
+    camera: CameraFeatures | None = None,
+    name_class: Tensor | None = None,
+) -> list[Prediction]:
+    """A panoptic model's output per sample (one `Prediction` each, in ``batch_index`` order): labels
+    and scores from the panoptic merge, instance ids (0 = stuff / none) in ``extras["instances"]``,
+    features = the per-point embedding rebuilt from the queries, no logits.
+
+    ``text`` [T, D] holds one row per name (``name_class`` [T] their classes; None = one per
+    class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped."""
+    if batch_index is None:
+        batch_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    clip = None if camera is None else camera.features
+    out = model(points, batch_index, clip, None if camera is None else camera.mask)
+    logits = model.class_logits(out, text.to(out.class_embed), name_class, int(thing.shape[0]))
+    features = point_embeddings(out)
+    results = []
+    for b in range(out.vox.batch_size):
+        sel = batch_index == b
+        p2v = out.sample_point_to_voxel(batch_index, b)
+        merged = panoptic_merge(out.mask_logits[b], logits[b], thing, p2v, min_points=min_points)
+        results.append(Prediction(features=features[sel], logits=None, labels=merged.semantic,
+                                  scores=merged.score, valid=out.vox.valid[sel],
+                                  extras={"instances": merged.instance}))
+    return results

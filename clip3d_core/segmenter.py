@@ -173,6 +173,8 @@ class Segmenter:
         tower for fusion models). ``vocabulary`` defaults to the checkpoint's, if it stored one.
         """
         ckpt = load_checkpoint(path)
+        if ckpt.panoptic is not None:  # instance output through the Segmenter is not built yet
+            raise CheckpointError(f"{path} is a panoptic checkpoint; run it with predictor.predict_panoptic")
         model = ckpt.build_model(device)
         bank = None
         if embedding_bank == CHECKPOINT_BANK:

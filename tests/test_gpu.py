@@ -136,21 +136,6 @@ def test_half_precision_labels_equal_fp32_labels(
 
 
 @with_backends
-def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
-    model: Clip3DNet, points: np.ndarray, backend: str
-) -> None:
-    seg = segmenter(on_backend(model, backend), CUDA, RuntimeOptions(tf32=True, compile=True))
-    first = seg.segment(points)
-    allocated = seg.runtime.buffers.allocations
-    assert allocated > 0 and all(b.is_pinned() for b in seg.runtime.buffers._buffers.values())
-    for n in (len(points), len(points) // 2, 0):  # same size, smaller, empty: no new host buffers
-        out = seg.segment(points[:n])
-        assert seg.runtime.buffers.allocations == allocated and len(out.labels) == n
-    ref = segment(on_backend(model, backend), CUDA, points)
-    assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads
-
-
-@with_backends
 def test_frames_from_two_threads_share_the_buffers_safely(
     model: Clip3DNet, points: np.ndarray, backend: str
 ) -> None:
@@ -186,6 +171,20 @@ def test_image_stream_changes_nothing_but_timing(backend: str, points: np.ndarra
         outs.append(seg.segment(points, images, cams, return_features=True))
     assert "image" in outs[1].timings_ms
     np.testing.assert_allclose(outs[0].features, outs[1].features, atol=1e-5)
+
+
+def test_timers_wait_for_the_segmenters_device() -> None:
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not current when > 1
+    a = torch.randn(4096, 4096, device=dev)
+    for sync in (False, True):
+        timer = StageTimer(dev, sync=sync)
+        for _ in range(20):
+            b = a @ a
+        timer.lap("matmul")
+        times = timer.total()
+        assert torch.cuda.current_stream(dev).query()  # all of the device's work was waited for
+        assert times["total"] >= times["matmul"] > 0.1, times  # 20 x 137 GFLOP: not a launch time
+    del b
 
 
 @pytest.fixture(scope="module")
@@ -224,15 +223,16 @@ def test_two_rank_ddp_step_with_nccl(tmp_path: Path) -> None:
     run_two_ranks(tmp_path, "nccl", ("trainer.device=cuda",))
 
 
-def test_timers_wait_for_the_segmenters_device() -> None:
-    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not current when > 1
-    a = torch.randn(4096, 4096, device=dev)
-    for sync in (False, True):
-        timer = StageTimer(dev, sync=sync)
-        for _ in range(20):
-            b = a @ a
-        timer.lap("matmul")
-        times = timer.total()
-        assert torch.cuda.current_stream(dev).query()  # all of the device's work was waited for
-        assert times["total"] >= times["matmul"] > 0.1, times  # 20 x 137 GFLOP: not a launch time
-    del b
+@with_backends
+def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
+    model: Clip3DNet, points: np.ndarray, backend: str
+) -> None:
+    seg = segmenter(on_backend(model, backend), CUDA, RuntimeOptions(tf32=True, compile=True))
+    first = seg.segment(points)
+    allocated = seg.runtime.buffers.allocations
+    assert allocated > 0 and all(b.is_pinned() for b in seg.runtime.buffers._buffers.values())
+    for n in (len(points), len(points) // 2, 0):  # same size, smaller, empty: no new host buffers
+        out = seg.segment(points[:n])
+        assert seg.runtime.buffers.allocations == allocated and len(out.labels) == n
+    ref = segment(on_backend(model, backend), CUDA, points)
+    assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads

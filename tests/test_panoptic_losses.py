@@ -3,6 +3,7 @@ classification over base classes, mask focal + dice, object- and voxel-level dis
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,22 +13,29 @@ import torch.nn.functional as F
 
 from clip3d_core.losses.panoptic import (
     Match,
-    PanopticLossConfig,
+    MatchingCost,
     PanopticLossState,
     VoxelTargets,
     base_class_index,
+    class_term,
     classification_loss,
     dice_loss,
+    dice_term,
     hungarian_match,
     mask_dice_loss,
     mask_focal_loss,
+    mask_term,
     object_distillation_loss,
-    panoptic_losses,
+    object_term,
     voxel_distillation_loss,
     voxel_targets,
+    voxel_term,
 )
+from clip3d_core.losses.registry import LossInputs, build_loss_terms, combine_losses
+from clip3d_core.losses.terms.panoptic import default_panoptic_loss
 
-CFG = PanopticLossConfig()
+COST = MatchingCost()
+MASK_ALPHA, GAMMA = -1.0, 2.0  # the mask term's defaults
 
 
 def test_voxel_targets_majority_and_unlabelled() -> None:
@@ -61,7 +69,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
     masks = seg_of_voxel.unsqueeze(0) == torch.arange(4).unsqueeze(1)
     targets = VoxelTargets(masks, classes, seg_of_voxel >= 0)
     stuff = torch.tensor([5, 6])
-    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, CFG.matching)
+    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, COST)
     pairs = dict(zip(m.query.tolist(), m.segment.tolist()))
     assert pairs[5] == 3 and 4 not in pairs  # stuff query of class 6 takes its segment; class 5 absent
 
@@ -72,7 +80,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
         bce = F.binary_cross_entropy_with_logits(logits, tgt)
         dice = dice_loss(logits.sigmoid()[None], tgt[None])[0]
         cls = class_logits[qi, base_index[classes[si]]].sigmoid()
-        c = CFG.matching
+        c = COST
         return float(c.cost_class * -cls + c.cost_mask * bce + c.cost_dice * dice)
 
     things = [0, 1, 2]
@@ -111,7 +119,7 @@ def test_mask_losses_ignore_unlabelled_voxels() -> None:
     targets = VoxelTargets(masks, torch.tensor([0]), labelled)
     match = Match(torch.tensor([1]), torch.tensor([0]))
     perfect = torch.tensor([[0.0] * 5, [20.0, 20.0, -20.0, 5.0, -7.0]])
-    alpha, gamma = CFG.mask_focal_alpha, CFG.focal_gamma
+    alpha, gamma = MASK_ALPHA, GAMMA
 
     def mask_losses(logits: torch.Tensor, m: Match) -> tuple[torch.Tensor, torch.Tensor]:
         focal_part = mask_focal_loss(logits, m, targets, alpha=alpha, gamma=gamma)
@@ -122,7 +130,7 @@ def test_mask_losses_ignore_unlabelled_voxels() -> None:
     wrong = perfect.clone()
     wrong[1, 2] = 20.0
     focal_loss, dice = mask_losses(wrong, match)
-    assert focal_loss.item() == pytest.approx(focal(20.0, 0, alpha=CFG.mask_focal_alpha) / 3, rel=1e-4)
+    assert focal_loss.item() == pytest.approx(focal(20.0, 0, alpha=MASK_ALPHA) / 3, rel=1e-4)
     assert dice.item() == pytest.approx(1 - 5 / 6, rel=1e-4)
     none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
     assert none[0].item() == 0 and none[1].item() == 0
@@ -176,14 +184,30 @@ def test_panoptic_losses_batch() -> None:
     clip = [F.normalize(torch.randn(v, 5, generator=g), dim=1) for v in (3, 2)]
     seen = [torch.tensor([True, False, True]), torch.tensor([True, True])]
     stuff = torch.tensor([2])
-    state = PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, CFG.matching,
+    state = PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, COST,
                                       clip, seen)
     assert [m.query.tolist() for m in state.matches][1] == []  # nothing to match in the unlabelled sample
-    out = panoptic_losses(state, CFG)
-    assert set(out) == {"class", "mask", "dice", "object", "voxel", "total"}
-    assert out["total"].item() == pytest.approx(sum(out[k].item() for k in out if k != "total"), rel=1e-6)
-    out["total"].backward()
+    terms = build_loss_terms(default_panoptic_loss())
+    inputs = LossInputs(features=torch.zeros(5, 5), valid=torch.ones(5, dtype=torch.bool),
+                        labels=torch.zeros(5, dtype=torch.long), text=torch.eye(3, 5),
+                        logits=torch.zeros(5, 3),
+                        point_targets=object(), extras={"panoptic": state})
+    parts = combine_losses(terms, inputs)
+    expected = {"panoptic_class": class_term(state, alpha=0.25, gamma=2.0),
+                "panoptic_mask": mask_term(state, alpha=MASK_ALPHA, gamma=GAMMA),
+                "panoptic_dice": dice_term(state),
+                "object_distill": object_term(state), "voxel_distill": voxel_term(state)}
+    for name, value in expected.items():
+        assert parts.scalars[f"loss/{name}"] == pytest.approx(float(value.detach()), rel=1e-6), name
+    weights = {k: v.weight for k, v in default_panoptic_loss().items()}
+    weighted = sum(weights[k] * float(v.detach()) for k, v in expected.items())
+    assert parts.total.item() == pytest.approx(weighted, rel=1e-5)
+    parts.total.backward()
     assert masks[1].grad.abs().sum() > 0  # the unlabelled sample still learns through L_V
-    no_clip = panoptic_losses(PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff,
-                                                        CFG.matching), CFG)
-    assert set(no_clip) == {"class", "mask", "dice", "total"}
+    # without teacher output the distillation terms are skipped; without panoptic state the terms refuse
+    no_teacher = combine_losses(terms, dataclasses.replace(inputs, point_targets=None))
+    assert "loss/voxel_distill" not in no_teacher.scalars and "loss/panoptic_dice" in no_teacher.scalars
+    with pytest.raises(ValueError, match="PanopticLossState"):
+        combine_losses(terms, dataclasses.replace(inputs, extras={}))
+    with pytest.raises(ValueError, match="CLIP voxel features"):
+        voxel_term(PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, COST))

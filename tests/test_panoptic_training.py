@@ -5,6 +5,7 @@ per-point labels / instance ids that the PQ metric accepts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -17,12 +18,12 @@ from clip3d_core.data.panoptic import load_panoptic_split
 from clip3d_core.data.synthetic import SyntheticConfig, SyntheticWorld
 from clip3d_core.data.synthetic.config import CameraConfig, LidarConfig
 from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeacherConfig
-from clip3d_core.losses.panoptic import PanopticLossConfig
 from clip3d_core.model import ModelConfig
 from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticModelConfig, PanopticNet
 from clip3d_core.panoptic_quality import PanopticQuality
+from clip3d_core.predictor import CameraFeatures, predict_panoptic
 from clip3d_core.teacher import PointTargets, frame_point_targets
-from clip3d_core.training.panoptic import PanopticTask, predict, training_losses
+from clip3d_core.training.panoptic import PanopticTask, training_losses
 
 D = 16
 SPLIT = load_panoptic_split("synthetic_b13n4")
@@ -51,39 +52,45 @@ def make_model() -> PanopticNet:
 
 def train(frames, text, targets, iterations: int) -> tuple[PanopticNet, list[dict[str, float]]]:
     model = make_model().train()
-    task = PanopticTask(SPLIT, text, PanopticLossConfig())
+    task = PanopticTask(SPLIT, text)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = collate_frames(frames)
     history = []
     for _ in range(iterations):
-        losses = training_losses(model, task, batch, targets)
+        parts = training_losses(model, task, batch, targets)
         opt.zero_grad()
-        losses["total"].backward()
+        parts.total.backward()
         opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
+        history.append(parts.scalars)
     return model, history
 
 
 def test_tiny_run_loss_falls_and_predicts(data) -> None:
     frames, text, targets = data
     model, history = train(frames, text, targets, 30)
-    first = np.mean([h["total"] for h in history[:5]])
-    last = np.mean([h["total"] for h in history[-5:]])
+    first = np.mean([h["loss"] for h in history[:5]])
+    last = np.mean([h["loss"] for h in history[-5:]])
     assert last < 0.7 * first, (first, last)
-    for term in ("mask", "dice", "voxel"):
-        assert np.mean([h[term] for h in history[-5:]]) < np.mean([h[term] for h in history[:5]]), term
+    for term in ("panoptic_mask", "panoptic_dice", "voxel_distill", "object_distill"):
+        key = f"loss/{term}"
+        assert np.mean([h[key] for h in history[-5:]]) < np.mean([h[key] for h in history[:5]]), term
     model.eval()
     thing = torch.from_numpy(SPLIT.spec.thing_mask())
-    preds = predict(model, collate_frames(frames), text, thing, min_points=SPLIT.spec.min_points,
-                    point_targets=targets)
+    batch = collate_frames(frames)
+    with torch.no_grad():
+        preds = predict_panoptic(model, batch["points"], text, thing, min_points=SPLIT.spec.min_points,
+                                 batch_index=batch["batch_index"],
+                                 camera=CameraFeatures(targets.features, targets.visible))
     metric = PanopticQuality(SPLIT.classes, SPLIT.spec.thing_mask(), min_points=SPLIT.spec.min_points,
                              novel=SPLIT.novel_mask())
     for f, p in zip(frames, preds):
-        assert p.semantic.shape == (f.num_points,) and (p.instance[p.semantic < 0] == 0).all()
-        is_stuff = p.semantic >= 0
-        is_stuff[is_stuff.clone()] = ~thing[p.semantic[is_stuff]]
-        assert (p.instance[is_stuff] == 0).all()
-        metric.update(p.semantic, p.instance, f.labels, f.instances)
+        instances = p.extras["instances"]
+        assert p.labels.shape == (f.num_points,) and (instances[p.labels < 0] == 0).all()
+        is_stuff = p.labels >= 0
+        is_stuff[is_stuff.clone()] = ~thing[p.labels[is_stuff]]
+        assert (instances[is_stuff] == 0).all() and (instances[~is_stuff & (p.labels >= 0)] > 0).all()
+        assert torch.allclose(p.features[p.valid].norm(dim=1), torch.ones(int(p.valid.sum())), atol=1e-5)
+        metric.update(p.labels, instances, f.labels, f.instances)
     report = metric.report()
     assert report.summary["pq"] > 0  # 30 iterations on 2 frames: some segment is recognised
 
@@ -117,3 +124,25 @@ def test_novel_ground_truth_never_reaches_training(data) -> None:
         swapped.append(dataclasses.replace(f, labels=labels))
     c, _ = train(swapped, text, targets, 3)
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_clip3d_train_panoptic_setting(tmp_path) -> None:
+    """`clip3d train` with training/synthetic_panoptic_tiny.yaml: a panoptic checkpoint and PQ metrics."""
+    from pathlib import Path
+
+    from clip3d_core.checkpoint import load_checkpoint
+    from clip3d_core.cli import main
+    from clip3d_core.config import ConfigError
+    from clip3d_core.training import load_train_config
+
+    config = Path(__file__).resolve().parents[1] / "training" / "synthetic_panoptic_tiny.yaml"
+    args = ["train", "--config", str(config), "--out", str(tmp_path), "--set", "trainer.iterations=3"]
+    assert main(args) == 0
+    ckpt = load_checkpoint(tmp_path / "final.pt")
+    assert ckpt.panoptic is not None and ckpt.panoptic.min_points == 15 and "bus" in ckpt.panoptic.things
+    assert ckpt.panoptic.head.num_stuff_queries == len(SPLIT.base_stuff_ids)
+    assert isinstance(ckpt.build_model(), PanopticNet)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["panoptic"]
+    assert {"pq", "pq_novel_things", "pq_novel_stuff", "miou", "hiou"} <= set(metrics)
+    with pytest.raises(ConfigError, match="disable pseudo"):
+        load_train_config(config, ["pseudo.enabled=true"])

@@ -117,6 +117,18 @@ def test_the_backend_for_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
         sparse_backend.for_device(cpu)
 
 
+def test_a_broken_install_is_a_reason_not_a_crash(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. spconv-cu126 on a machine without its CUDA runtime: the backend is reported unusable."""
+    pkg = tmp_path / "clip3d_broken_backend"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    why = sparse_backend._import_error("clip3d_broken_backend")
+    assert why is not None and "does not import: OSError: libcudart.so.12" in why
+    assert sparse_backend._import_error("clip3d_no_such_backend") == "clip3d-no-such-backend is not installed"
+    assert sparse_backend.available()["spconv"] is None  # the real one here imports
+
+
 def test_on_this_cpu_machine_nothing_changes() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check")

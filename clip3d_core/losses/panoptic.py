@@ -1,6 +1,7 @@
 """Open-vocabulary panoptic losses (arXiv 2401.02402): Hungarian matching, focal classification over
 base classes on the cosine logits, mask focal + dice, object-level (L_O) and voxel-level (L_V) CLIP
-distillation. Pure functions on one sample's voxel tensors; `panoptic_losses` sums a batch.
+distillation. Pure functions on one sample's voxel tensors, and one function per term over a batch's
+`PanopticLossState` (registered as loss terms in `clip3d_core.losses.terms.panoptic`).
 
 Targets live on voxels (`voxel_targets`): each voxel takes the majority segment of its points, and a
 voxel whose majority is unlabelled (ignored or novel points) is left out of the mask losses, so the
@@ -9,7 +10,7 @@ extent of a novel object is never supervised by a label. L_V needs no label at a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,21 +27,6 @@ class MatchingCost:
     cost_class: float = 2.0
     cost_mask: float = 5.0
     cost_dice: float = 5.0
-
-
-@dataclass(frozen=True)
-class PanopticLossConfig:
-    """Loss weights and focal parameters of `panoptic_losses` (Mask2Former's 2 / 5 / 5 weights)."""
-
-    w_class: float = 2.0
-    w_mask: float = 5.0
-    w_dice: float = 5.0
-    w_object: float = 1.0  # L_O
-    w_voxel: float = 1.0  # L_V
-    focal_alpha: float = 0.25  # classification: most (query, class) pairs are negatives
-    focal_gamma: float = 2.0
-    mask_focal_alpha: float = -1.0  # masks: no class balancing (< 0); 0.25 pushed masks towards empty
-    matching: MatchingCost = field(default_factory=MatchingCost)
 
 
 @dataclass
@@ -247,19 +233,6 @@ def voxel_term(s: PanopticLossState) -> Tensor:
         raise ValueError("voxel-level distillation needs the frozen CLIP voxel features")
     return torch.stack([voxel_distillation_loss(s.class_embed[b], s.mask_logits[b], s.clip[b], s.clip_mask[b])
                         for b in range(s.batch_size)]).mean()
-
-
-def panoptic_losses(s: PanopticLossState, cfg: PanopticLossConfig) -> dict[str, Tensor]:
-    """Weighted terms ("class", "mask", "dice", and "object", "voxel" when the state has CLIP features)
-    plus their sum "total"."""
-    out = {"class": cfg.w_class * class_term(s, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
-           "mask": cfg.w_mask * mask_term(s, alpha=cfg.mask_focal_alpha, gamma=cfg.focal_gamma),
-           "dice": cfg.w_dice * dice_term(s)}
-    if s.clip is not None:
-        out["object"] = cfg.w_object * object_term(s)
-        out["voxel"] = cfg.w_voxel * voxel_term(s)
-    out["total"] = sum(out.values())
-    return out
 
 
 def base_class_index(num_classes: int, base_ids: tuple[int, ...] | list[int],

@@ -75,6 +75,16 @@ class PanopticModelConfig:
     head: PanopticHeadConfig = field(default_factory=PanopticHeadConfig)
 
 
+@dataclass(frozen=True)
+class PanopticInfo:
+    """What a panoptic checkpoint adds to a semantic one: the head's sizes, the thing classes (names;
+    a live vocabulary's entries named so get instance ids) and the minimum segment size of the merge."""
+
+    head: PanopticHeadConfig
+    things: tuple[str, ...]
+    min_points: int
+
+
 @dataclass
 class PanopticOutput:
     """Per-voxel predictions of a batch; voxel rows are grouped by sample (`voxel_offsets`).
@@ -90,6 +100,11 @@ class PanopticOutput:
     class_embed: Tensor
     clip: Tensor | None
     clip_mask: Tensor | None
+
+    def sample_point_to_voxel(self, batch_index: Tensor, b: int) -> Tensor:
+        """Sample b's points (in input order) -> rows of its own voxel block (-1 outside the grid)."""
+        p2v = self.vox.point_to_voxel[batch_index == b]
+        return torch.where(p2v >= 0, p2v - self.voxel_offsets[b], p2v)
 
 
 def voxel_clip_features(clip: Tensor, clip_mask: Tensor, vox: Voxelization) -> tuple[Tensor, Tensor]:
@@ -258,3 +273,12 @@ class PanopticNet(nn.Module):
                      num_classes: int | None = None) -> Tensor:
         """[B, Q, C] logits of every query for a vocabulary (see `OpenVocabClassifier`)."""
         return self.classifier(out.class_embed, text, name_class, num_classes)
+
+
+def point_embeddings(out: PanopticOutput) -> Tensor:
+    """[N, D] unit per-point embedding rebuilt from the queries (mask probability x class embedding,
+    what L_V distils), zero outside the grid: the panoptic model's semantic point features."""
+    voxel = torch.cat([m.sigmoid().t() @ e for m, e in zip(out.mask_logits, out.class_embed)])
+    p2v = out.vox.point_to_voxel
+    feats = F.normalize(voxel, dim=1)[p2v.clamp(min=0)]
+    return torch.where(out.vox.valid.unsqueeze(1), feats, torch.zeros_like(feats))

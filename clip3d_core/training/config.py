@@ -24,7 +24,7 @@ from clip3d_core.metrics import METRICS, MetricConfig, default_metrics_config
 from clip3d_core.model.config import ModelPreset
 from clip3d_core.pseudo_labels import PseudoLabelConfig
 
-Setting = Literal["zero_shot", "annotation_free", "supervised"]
+Setting = Literal["zero_shot", "annotation_free", "supervised", "panoptic"]
 
 def is_device_name(name: str) -> bool:
     """auto | cpu | cuda | cuda:N"""
@@ -177,6 +177,17 @@ class TrainerConfig:
 
 
 @dataclass
+class PanopticConfig:
+    """Setting "panoptic" (`clip3d_core.training.panoptic_trainer`): the base / novel split (a name of
+    `clip3d_core.data.panoptic` or a YAML file; its dataset fixes things and min segment size, and it
+    replaces data.split / data.unseen) and `PanopticHeadConfig` overrides (the base-stuff query count
+    follows the split, the camera drop-out is fusion.camera_dropout)."""
+
+    split: str = "synthetic_b13n4"
+    head: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     out_dir: str = "runs/${name}"
@@ -202,6 +213,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    panoptic: PanopticConfig = field(default_factory=PanopticConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -228,6 +240,9 @@ class TrainConfig:
             raise ConfigError(f"pseudo.labels: {exc}") from exc
         if self.setting == "supervised" and (self.pseudo.enabled or self.self_training.enabled):
             raise ConfigError("setting 'supervised' uses ground truth only: disable pseudo and self_training")
+        if self.setting == "panoptic" and (self.pseudo.enabled or self.self_training.enabled):
+            raise ConfigError("setting 'panoptic' learns from base labels + distillation: disable pseudo and "
+                              "self_training")
         if self.setting == "annotation_free" and not self.pseudo.enabled:
             raise ConfigError("setting 'annotation_free' has no ground truth: pseudo.enabled must be true")
         lo, hi = self.augment.scale
