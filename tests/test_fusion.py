@@ -3,6 +3,7 @@ segmenter ships (fusion and score threshold included). Checkpoints carry what in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,21 @@ def test_format_1_checkpoints_still_load(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "older.pt").dense.last_block == "value"
     seg = Segmenter.from_checkpoint(tmp_path / "old.pt", vocabulary=["car", "road"])
     assert seg.teacher is not None and seg.teacher.short_side == 448
+
+
+def test_evaluate_command_scores_the_shipped_path(fusion_run, tmp_path: Path) -> None:
+    from clip3d_core.cli import main as cli_main
+
+    trainer, _, result = fusion_run
+    cache = trainer.cfg.data.typed_options().cache_dir
+    base = ["evaluate", "--checkpoint", str(result.final_checkpoint), "--config", str(TINY),
+            "--device", "cpu", "--set", "model.fusion=true", "--set", "data.options.val_frames=1",
+            "--set", f"data.options.cache_dir={cache}"]
+    records = {}
+    for name, extra in (("fused", []), ("lidar", ["--no-cameras"]), ("cut", ["--score-threshold", "0.99"])):
+        assert cli_main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        records[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert records["fused"]["cameras"] and not records["lidar"]["cameras"]
+    assert records["fused"]["miou"] == pytest.approx(result.metrics["clip_guided"]["miou"])
+    assert records["cut"]["score_threshold"] == 0.99
+    assert records["cut"]["accuracy"] < records["fused"]["accuracy"]  # unlabelled points count as wrong
