@@ -144,5 +144,10 @@ def test_clip3d_train_panoptic_setting(tmp_path) -> None:
     assert isinstance(ckpt.build_model(), PanopticNet)
     metrics = json.loads((tmp_path / "metrics.json").read_text())["panoptic"]
     assert {"pq", "pq_novel_things", "pq_novel_stuff", "miou", "hiou"} <= set(metrics)
+    # clip3d evaluate on the checkpoint reproduces the run's own evaluation
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--config", str(config),
+                "--out", str(tmp_path / "eval")]
+    assert main(evaluate) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"] == metrics
     with pytest.raises(ConfigError, match="disable pseudo"):
         load_train_config(config, ["pseudo.enabled=true"])

@@ -312,59 +312,37 @@ def test_launch_without_ament_prefix_path_uses_the_source_tree_or_says_why(monke
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _launch_available(), reason="launch / launch_ros not installed (ROS apt packages only)"
-)
-def test_launch_runs_the_node_from_the_source_tree_and_stops_it_cleanly(monkeypatch, tmp_path) -> None:
-    """The launch file in a LaunchService without AMENT_PREFIX_PATH: the node starts (tiny
-    untrained checkpoint), and a launch shutdown (SIGINT) ends it with exit code 0 quickly."""
-    import time
-
-    from launch.actions import EmitEvent, RegisterEventHandler, TimerAction
-    from launch.event_handlers import OnProcessExit, OnProcessIO
-    from launch.events import Shutdown
+def test_launch_testing_runs_the_node_from_a_source_tree_and_stops_it(monkeypatch, tmp_path) -> None:
+    """launch_testing (tests/launch_tests/clip3d_launch.py) on the launch file, AMENT_PREFIX_PATH
+    unset: the node starts labelling and exits 0 when launch shuts it down (SIGINT)."""
+    pytest.importorskip("launch_testing", reason="launch_testing not installed (ROS apt packages only)")
+    if not _launch_available():
+        pytest.skip("launch / launch_ros not installed (ROS apt packages only)")
+    from launch_testing.loader import LoadTestsFromPythonModule
+    from launch_testing.test_runner import LaunchTestRunner
 
     from clip3d_core.checkpoint import build_untrained_checkpoint
     from clip3d_core.clip import tiny_clip_config
     from clip3d_core.model import ModelConfig
-    from launch import LaunchDescription, LaunchService
 
     ckpt = build_untrained_checkpoint(
         tmp_path / "tiny.pt", ModelConfig.small(embed_dim=32), tiny_clip_config()
     )
     monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    output: list[str] = []
-    times: dict[str, float] = {}
-    exits: list[int] = []
-
-    def on_io(event):
-        output.append(event.text.decode(errors="replace"))
-        if "labelling" in output[-1] and "shutdown" not in times:
-            times["shutdown"] = time.monotonic()
-            return [EmitEvent(event=Shutdown(reason="test"))]  # what Ctrl-C on ros2 launch does
-        return None
-
-    def on_exit(event, context):
-        times["exit"] = time.monotonic()
-        exits.append(event.returncode)
-
-    service = LaunchService()
-    service.include_launch_description(
-        LaunchDescription(
-            [
-                RegisterEventHandler(OnProcessIO(on_stdout=on_io, on_stderr=on_io)),
-                RegisterEventHandler(OnProcessExit(on_exit=on_exit)),
-                TimerAction(period=180.0, actions=[EmitEvent(event=Shutdown(reason="timeout"))]),
-                *_load_launch_module().generate_launch_description().entities,
-            ]
-        )
+    monkeypatch.setenv("CLIP3D_LAUNCH_TEST_CHECKPOINT", str(ckpt))
+    spec = importlib.util.spec_from_file_location(
+        "clip3d_launch_test", REPO / "tests" / "launch_tests" / "clip3d_launch.py"
     )
-    service.context.launch_configurations["checkpoint"] = str(ckpt)
-    assert service.run() == 0
-    assert "shutdown" in times, "".join(output)[-3000:]
-    assert exits == [0], "".join(output)[-3000:]
-    assert times["exit"] - times["shutdown"] < 5.0  # launch escalates to SIGTERM after 5 s
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runner = LaunchTestRunner(LoadTestsFromPythonModule(module))
+    runner.validate()
+    results = runner.run()
+    assert results, "no launch test ran"
+    for run, result in results.items():
+        assert result.wasSuccessful(), f"{run}: {result.errors or result.failures}"
+        assert result.testsRun >= 2
 
 
 def test_rviz_config_shows_the_labelled_cloud_by_rgb() -> None:

@@ -1,6 +1,8 @@
 """evaluate a checkpoint (mIoU / seen / unseen / hIoU) on a config's held-out frames
 
-Writes <out>/eval.json, <out>/eval.md (per-class table + summary) and <out>/confusion.png.
+Writes <out>/eval.json, <out>/eval.md (per-class table + summary) and <out>/confusion.png. A config
+with ``setting: panoptic`` scores a panoptic checkpoint with its configured metrics (PQ ...) and
+writes <out>/eval.json only.
 Example:
   clip3d evaluate --checkpoint runs/tiny/final.pt --config training/synthetic_tiny.yaml --out runs/tiny/eval
 """
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_train_config(args.config, args.overrides)
+        if cfg.setting == "panoptic":
+            return _run_panoptic(args, cfg)
         device = resolve_device(args.device)
         cameras = cfg.evaluation.cameras and not args.no_cameras
         setup = load_for_evaluation(args.checkpoint, cfg, device, cameras=cameras)
@@ -79,5 +83,22 @@ def run(args: argparse.Namespace) -> int:
     (out / "eval.md").write_text(f"# {title}\n\n{report.to_markdown()}")
     confusion_png(out / "confusion.png", report.confusion, split.classes, title=title)
     print(report.to_markdown())
+    print(f"written to {out}")
+    return 0
+
+
+def _run_panoptic(args: argparse.Namespace, cfg: object) -> int:
+    """Panoptic checkpoints: the config's metrics on its evaluation frames (CPU, one process)."""
+    from clip3d_core.training.panoptic_trainer import PanopticTrainer
+
+    out = args.out or args.checkpoint.parent / f"eval_{args.checkpoint.stem}"
+    trainer = PanopticTrainer(cfg, out_dir=out)  # type: ignore[arg-type]
+    trainer.load_checkpoint(args.checkpoint)
+    metrics = trainer.evaluate()
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(args.checkpoint), "config": str(args.config),
+              "split": trainer.panoptic_split.to_dict(), "metrics": metrics}
+    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(metrics, indent=2))
     print(f"written to {out}")
     return 0

@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from clip3d_core.checkpoint import save_checkpoint
+from clip3d_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clip3d_core.clip import load_clip
 from clip3d_core.config import ConfigError, from_dict, to_dict
 from clip3d_core.data.panoptic import load_panoptic_split
@@ -114,6 +114,19 @@ class PanopticTrainer:
                   "iterations": cfg.trainer.iterations},
             panoptic=PanopticInfo(self.model_cfg.head, spec.things, spec.min_points))
         return TrainResult(self.out_dir, final, cfg.trainer.iterations, metrics, history)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Evaluate a trained panoptic checkpoint instead of the fresh model: its weights, and the
+        class vectors its stored text bank gives this config's vocabulary."""
+        ckpt = load_checkpoint(path, self.bank.identity)
+        if ckpt.panoptic is None:
+            raise CheckpointError(f"{path} is not a panoptic checkpoint")
+        model = ckpt.build_model()
+        if model.cfg != self.model_cfg:
+            raise CheckpointError(f"{path}: its model {model.cfg} differs from the config's {self.model_cfg}")
+        self.model = model
+        if ckpt.text_bank is not None:
+            self.text = ckpt.text_bank.lookup(self.vocab)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
