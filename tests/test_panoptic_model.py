@@ -170,3 +170,23 @@ def test_panoptic_checkpoint_round_trip(tmp_path) -> None:
     torch.save(raw, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_predict_panoptic_on_bad_clouds() -> None:
+    """No point in range, or NaN intensities: every such point is unlabelled, nothing raises."""
+    from clip3d_core.predictor import predict_panoptic
+
+    torch.manual_seed(0)
+    net = PanopticNet(tiny_config()).eval()
+    text, thing = F.normalize(torch.randn(3, D), dim=1), torch.tensor([False, True, False])
+    far = cloud(200, 0)
+    far[:, :3] += 1000.0
+    with torch.no_grad():
+        (empty,) = predict_panoptic(net, far, text, thing, min_points=1)
+        assert (empty.labels == -1).all() and (empty.extras["instances"] == 0).all() and not empty.valid.any()
+        pts = cloud(400, 1)
+        pts[::2, 3] = float("nan")
+        both = predict_panoptic(net, torch.cat([pts, far]), text, thing, min_points=1,
+                                batch_index=torch.cat([torch.zeros(400), torch.ones(200)]).long())
+    assert (both[0].labels[::2] == -1).all() and (both[0].labels[1::2] >= 0).any()
+    assert (both[1].labels == -1).all() and torch.isfinite(both[0].features).all()

@@ -241,8 +241,11 @@ class PanopticNet(nn.Module):
         vox = self.voxelize(points, batch_index)
         p = points[vox.valid][:, :c]
         p2v = vox.point_to_voxel[vox.valid]
-        voxel_in = voxel_mean(p, p2v, vox.num_voxels)
-        lidar = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        if vox.num_voxels:
+            voxel_in = voxel_mean(p, p2v, vox.num_voxels)
+            lidar = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        else:  # nothing in range (or every point non-finite): sparse convolutions refuse empty input
+            lidar = points.new_zeros(0, self.cfg.model.backbone.out_channels)
         vclip = vmask = None
         if clip is not None:
             if clip_mask is None:
@@ -278,7 +281,8 @@ class PanopticNet(nn.Module):
 def point_embeddings(out: PanopticOutput) -> Tensor:
     """[N, D] unit per-point embedding rebuilt from the queries (mask probability x class embedding,
     what L_V distils), zero outside the grid: the panoptic model's semantic point features."""
-    voxel = torch.cat([m.sigmoid().t() @ e for m, e in zip(out.mask_logits, out.class_embed)])
-    p2v = out.vox.point_to_voxel
-    feats = F.normalize(voxel, dim=1)[p2v.clamp(min=0)]
-    return torch.where(out.vox.valid.unsqueeze(1), feats, torch.zeros_like(feats))
+    rebuilt = [m.sigmoid().t() @ e for m, e in zip(out.mask_logits, out.class_embed)]
+    voxel = F.normalize(torch.cat(rebuilt), dim=1)
+    valid = out.vox.valid
+    feats = voxel.new_zeros(valid.shape[0], voxel.shape[1])
+    return feats.index_put((valid,), voxel[out.vox.point_to_voxel[valid]])
