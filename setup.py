@@ -17,7 +17,7 @@ class _ColconDistribution(Distribution):
     `requires-python` from pyproject.toml arrives as a packaging `SpecifierSet`, which it cannot
     parse; setuptools accepts (and itself validates) the plain string."""
 
-    def parse_config_files(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def parse_config_files(self, *args, **kwargs):
         super().parse_config_files(*args, **kwargs)
         for holder in (self, self.metadata):
             if getattr(holder, "python_requires", None) is not None:
@@ -33,6 +33,11 @@ setup(
         # files into build/, finds them there; installed, they are harmless documentation.
         (f"share/{PACKAGE}", ["package.xml", "pyproject.toml", "README.md"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz") + glob("config/*.json")),
+        # the demo's training config (clip3d_ros.demo.config.shipped_file finds it when installed)
+        (f"share/{PACKAGE}/training", ["training/synthetic_tiny.yaml"]),
+        (
+            f"share/{PACKAGE}/config",
+            glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz") + glob("config/*.json"),
+        ),
     ],
 )

@@ -72,21 +72,23 @@ def run_once(scenario: str, pairs: int, points: int, gap_s: float, model_s: floa
         context=ctx,
         namespace=ns,
         parameter_overrides=[
-            Parameter("cloud_topic", value="points"),
             Parameter("qos.cloud.reliability", value="reliable"),
             Parameter("qos.cloud.depth", value=50),
             Parameter("skip_without_subscribers", value=False),
+            # Trees before issue 8 took the topics as parameters; later ones ignore these.
+            Parameter("cloud_topic", value="~/input/pointcloud"),
+            Parameter("output_topic", value="~/output/pointcloud"),
         ],
     )
     peer = Node("frameloss_peer", namespace=ns, context=ctx)
     out: list[tuple[int, str]] = []
     peer.create_subscription(
         PointCloud2,
-        node.resolve_topic_name(node.params.output_topic),
+        f"{ns}/clip3d/output/pointcloud",
         lambda m: out.append((m.header.stamp.sec, m.header.frame_id)),
         rel,
     )
-    pub = peer.create_publisher(PointCloud2, f"{ns}/points", rel)
+    pub = peer.create_publisher(PointCloud2, f"{ns}/clip3d/input/pointcloud", rel)
     executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
     executor.add_node(peer)

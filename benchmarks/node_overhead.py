@@ -13,7 +13,9 @@ receives the labelled clouds, one frame in flight at a time. Per frame (medians 
   end_to_end     peer publish -> peer receives the labelled cloud
   overhead       end_to_end - model
 
-plus serialise / deserialise of the input cloud alone (rclpy.serialization). Models: `fake` (no
+plus serialise / deserialise of the input cloud alone (rclpy.serialization) and `callback_check`:
+the layout check the node runs on the callback thread for every cloud (`conversions.check_cloud`,
+header and field table only). Models: `fake` (no
 model time: pure node cost) and `tiny` (an untrained clip3d-tiny checkpoint on CPU).
 
     .venv/bin/python benchmarks/node_overhead.py [--points 30000 120000] [--frames 20] [--models fake tiny]
@@ -68,15 +70,15 @@ def run_peer(ns: str, points: int, frames: int, timeout_s: float) -> None:
     got: list[tuple[int, int]] = []
     node.create_subscription(
         PointCloud2,
-        f"{ns}/clip3d/labelled_points",
+        f"{ns}/clip3d/output/pointcloud",
         lambda m: got.append((m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, time.time_ns())),
         qos,
     )
-    pub = node.create_publisher(PointCloud2, f"{ns}/points", qos)
+    pub = node.create_publisher(PointCloud2, f"{ns}/clip3d/input/pointcloud", qos)
     msg = array_to_cloud(make_cloud(points))
     msg.header.frame_id = "lidar"
     deadline = time.monotonic() + timeout_s
-    while not (pub.get_subscription_count() and node.count_publishers(f"{ns}/clip3d/labelled_points")):
+    while not (pub.get_subscription_count() and node.count_publishers(f"{ns}/clip3d/output/pointcloud")):
         rclpy.spin_once(node, timeout_sec=0.05)
         if time.monotonic() > deadline:
             raise SystemExit("peer: the node never appeared")
@@ -113,6 +115,22 @@ def serialisation_ms(points: int, repeats: int = 5) -> tuple[float, float]:
     return statistics.median(ser), statistics.median(de)
 
 
+def callback_check_ms(points: int, repeats: int = 200) -> float | None:
+    """Median time of the callback-thread layout check on one cloud (None before issue 8)."""
+    from clip3d_ros import conversions
+
+    check = getattr(conversions, "check_cloud", None)
+    if check is None:
+        return None
+    msg = conversions.array_to_cloud(make_cloud(points))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        check(msg, 2_000_000)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def tiny_checkpoint(folder: Path) -> Path:
     from clip3d_core.checkpoint import build_untrained_checkpoint
     from clip3d_core.clip import tiny_clip_config
@@ -134,8 +152,10 @@ def bench_case(model: str, points: int, frames: int, checkpoint: Path | None, do
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain)
     overrides = [
-        Parameter("cloud_topic", value="points"),
         Parameter("qos.cloud.reliability", value="reliable"),
+        # Trees before issue 8 took the topics as parameters; later ones ignore these.
+        Parameter("cloud_topic", value="~/input/pointcloud"),
+        Parameter("output_topic", value="~/output/pointcloud"),
     ]
     segmenter = None
     if model == "fake":
@@ -190,6 +210,7 @@ def bench_case(model: str, points: int, frames: int, checkpoint: Path | None, do
         "frames": len(per_frame),
         "serialise_ms": ser,
         "deserialise_ms": de,
+        "callback_check_ms": callback_check_ms(points),
     } | {k: round(v, 3) for k, v in medians.items()}
 
 
@@ -198,6 +219,7 @@ COLUMNS = [
     ("points", "points"),
     ("serialise_ms", "ser"),
     ("deserialise_ms", "deser"),
+    ("callback_check_ms", "check"),
     ("transport_in_ms", "in"),
     ("wait_ms", "wait"),
     ("convert_in_ms", "conv_in"),
@@ -214,7 +236,9 @@ def table(results: list[dict[str, Any]]) -> str:
     head = " ".join(f"{title:>9}" for _, title in COLUMNS)
     lines = ["median ms per frame (OVERHEAD = e2e - MODEL)", head]
     for r in results:
-        cells = [f"{r[k]:>9}" if isinstance(r[k], str | int) else f"{r[k]:>9.2f}" for k, _ in COLUMNS]
+        cells = [
+            f"{r[k]!s:>9}" if isinstance(r[k], str | int | None) else f"{r[k]:>9.3f}" for k, _ in COLUMNS
+        ]
         lines.append(" ".join(cells))
     return "\n".join(lines)
 

@@ -12,6 +12,13 @@ hIoU on held-out frames with full ground truth:
   (f) annotation-free: no ground truth at all, pseudo labels + MCFA + self-training
   (g) (e) with the real-data configs' label rules (training/semantickitti_zeroshot.yaml: teacher
       labels filtered to each class's 70 % most confident points, self-training keeps 50 %)
+  (h) (d) with 2D-3D fusion: trained with the teacher's frozen features of the camera-visible
+      points (camera dropout 0.2 per frame) and evaluated with them, as the segmenter runs it with
+      images
+  (i) the model of (h) evaluated with every camera lost (LiDAR-only input)
+
+Compare (h) and (i) with (d), the same training without fusion: camera-visible points are where
+fusion can help; elsewhere all three see the same input.
 
 Worlds (--worlds): "easy" (training/synthetic_bench.yaml: four cameras, every point labelled,
 errors drawn independently, tiny random text tower), "hard" (training/synthetic_bench_hard.yaml:
@@ -56,10 +63,11 @@ from clip3d_core.checkpoint import load_checkpoint
 from clip3d_core.config import to_dict
 from clip3d_core.data.synthetic import SyntheticConfig
 from clip3d_core.evaluation import EvaluationReport
+from clip3d_core.metrics import SemanticMetric
 from clip3d_core.teacher import frame_point_targets
 from clip3d_core.training import Trainer, load_train_config
 from clip3d_core.training.stages import SOURCE_TEACHER, clip_guided_targets
-from clip3d_core.training.validation import evaluate, model_predictor, summary, teacher_predictor
+from clip3d_core.training.validation import FramePredictor, evaluate, summary, teacher_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("transfer_benchmark")
@@ -72,11 +80,13 @@ ROWS: dict[str, str] = {
     "e": "(e) + self-training",
     "f": "(f) annotation-free",
     "g": "(g) (e) with the real configs' label rules",
+    "h": "(h) (d) + fusion, cameras on",
+    "i": "(h) with every camera lost",
 }
 # training/semantickitti_zeroshot.yaml's label rules (pseudo labels and self-training).
 REAL_RULES = ["pseudo.labels.confidence=prob", "pseudo.labels.top_fraction=0.7",
               "self_training.top_fraction=0.5"]
-NO_MCFA = ["loss.w_sem=0", "loss.w_spa=0"]
+NO_MCFA = ["loss.semantic.weight=0", "loss.spatial.weight=0"]
 # Training runs: name -> (overrides on the benchmark config, {row: checkpoint file of the run}).
 RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
     "seen_gt": (["pseudo.enabled=false", *NO_MCFA, "self_training.enabled=false"], {"b": "final.pt"}),
@@ -84,17 +94,19 @@ RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
     "mcfa_st": ([], {"d": "stage_clip_guided.pt", "e": "final.pt"}),
     "free": (["setting=annotation_free", "pseudo.restrict_to_unseen=false"], {"f": "final.pt"}),
     "real_rules": (REAL_RULES, {"g": "final.pt"}),
+    "fusion": (["model.fusion=true", "self_training.enabled=false"], {"h": "final.pt", "i": "final.pt"}),
 }
+CAMERAS_LOST = {"i"}  # rows evaluated without camera features
 CONFIGS = REPO / "training"
 _SURROUND = json.dumps([to_dict(c) for c in SyntheticConfig.surround(width=224, height=128).cameras])
 # World -> (config, overrides).
 WORLDS: dict[str, tuple[Path, list[str]]] = {
     "easy": (CONFIGS / "synthetic_bench.yaml", []),
     "hard": (CONFIGS / "synthetic_bench_hard.yaml", []),
-    "hard_surround": (CONFIGS / "synthetic_bench_hard.yaml", [f"data.synthetic.cameras={_SURROUND}"]),
+    "hard_surround": (CONFIGS / "synthetic_bench_hard.yaml", [f"data.options.world.cameras={_SURROUND}"]),
     "hard_no_clutter": (CONFIGS / "synthetic_bench_hard.yaml",
-                        ["data.synthetic.scene.clutter_per_100m=0",
-                         "data.synthetic.scene.clutter_surfaces_per_100m=0"]),
+                        ["data.options.world.scene.clutter_per_100m=0",
+                         "data.options.world.scene.clutter_surfaces_per_100m=0"]),
 }
 
 
@@ -138,8 +150,11 @@ def _unseen_table(results: dict[str, dict[str, Any]], names: list[str], scope: s
     return "\n".join(lines)
 
 
-def _record(report: EvaluationReport) -> dict[str, Any]:
-    return {**summary(report),
+def _record(metrics: dict[str, Any]) -> dict[str, Any]:
+    semantic = metrics["semantic"]
+    assert isinstance(semantic, SemanticMetric)
+    report: EvaluationReport = semantic.report()
+    return {**summary(metrics),
             "unseen_iou": {report.class_names[i]: report.iou[i] for i in report.unseen},
             "iou": dict(zip(report.class_names, report.iou))}
 
@@ -226,7 +241,7 @@ def _clutter_predicted(predictors: dict[str, Any], frames: list[Any], unseen: li
         for frame in frames:
             ignore = torch.as_tensor(frame.labels) < 0
             total += int(ignore.sum())
-            hit += int((ignore & torch.isin(predict(frame), ids)).sum())
+            hit += int((ignore & torch.isin(predict(frame).labels, ids)).sum())
         out[row] = hit / total if total else None
     return out
 
@@ -252,7 +267,7 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
     """Train and evaluate every requested row on one world; (JSON record, Markdown)."""
     config, world_overrides = WORLDS[world]
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    base = [f"data.cache_dir={args.cache_dir}", *world_overrides, *args.overrides]
+    base = [f"data.options.cache_dir={args.cache_dir}", *world_overrides, *args.overrides]
     cfg = load_train_config(config, base)
     work = args.work_dir / world
     # Built once for evaluation (teacher, text, held-out frames); also caches the frames on disk
@@ -297,7 +312,8 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
             for row, name in rows.items():
                 if row in args.rows:
                     model = load_checkpoint(Path(done[run, seed]["out_dir"]) / name).build_model(device)
-                    predictors[row] = model_predictor(model, evaluator.text, device)
+                    teacher = None if row in CAMERAS_LOST else evaluator.teacher
+                    predictors[row] = FramePredictor(model, evaluator.text, device, teacher=teacher)
         for scope, visible in (("all_points", False), ("camera_visible", True)):
             reports = evaluate(predictors, evaluator.val_set, split.classes, split.unseen_ids,
                                visible_only=visible)
@@ -316,13 +332,14 @@ def run_world(world: str, args: argparse.Namespace) -> tuple[dict[str, Any], str
                / max(1, sum(f.num_points for f in frames))}
 
     params = sum(p.numel() for p in evaluator.bare.parameters())
-    cams = cfg.data.synthetic.cameras
+    data = cfg.data.typed_options()
+    cams = data.world.cameras
     sizes = {
-        "train_frames": cfg.data.train_frames,
-        "val_frames": cfg.data.val_frames,
+        "train_frames": data.train_frames,
+        "val_frames": data.val_frames,
         "points_per_frame_mean": round(sum(f.num_points for f in frames) / len(frames)),
         "cameras": [f"{c.name} {c.width}x{c.height}" for c in cams],
-        "lidar": to_dict(cfg.data.synthetic.lidar),
+        "lidar": to_dict(data.world.lidar),
         "stage1_iterations": cfg.trainer.iterations,
         "self_training_iterations": cfg.self_training.iterations,
         "batch_size": cfg.trainer.batch_size,

@@ -1,13 +1,19 @@
 """The clip3d checkpoint: one self-describing torch file (model config + weights + CLIP identity).
 
-Layout (format_version 1)::
+Layout (format_version 2)::
 
-    {"format": "clip3d", "format_version": 1,
+    {"format": "clip3d", "format_version": 2,
      "model_config": ModelConfig as a plain dict, "state_dict": {name: tensor},
      "clip": {"config": ClipConfig dict, "identity": ClipIdentity dict},
+     "dense": DenseConfig dict (how the CLIP image features a fusion model reads are made),
      "vocabulary": ["car|automobile", ...] | None,
      "text_bank": EmbeddingBank.to_dict() (names, vectors, identity, ...) | None,
-     "meta": {plain data: clip3d_version, created, epoch, metrics, ...}}
+     "meta": {plain data: clip3d_version, created, epoch, metrics, ...},
+     "panoptic": PanopticInfo dict (head sizes, thing names, min_points) | absent for semantic models}
+
+Everything inference needs is a typed field; ``meta`` is a record for people (inference never
+reads it). Format 1 (no "dense"; a fusion model's dense settings were only in
+``meta["train_config"]["teacher"]``) still loads: `_dense_of_format_1` reads them there, once.
 
 Only plain containers and tensors are stored, so it loads with ``torch.load(weights_only=True)``
 (no pickled code runs on load). Every way a file can be unusable raises `CheckpointError` naming
@@ -31,13 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from clip3d_core.clip import ClipConfig, ClipIdentity, EmbeddingBank, Vocabulary
+from clip3d_core.clip.dense import DenseConfig
 from clip3d_core.config import ConfigError, from_dict, to_dict
 from clip3d_core.model import Clip3DNet, ModelConfig
+from clip3d_core.model.panoptic import PanopticInfo, PanopticModelConfig, PanopticNet
 
 log = logging.getLogger(__name__)
 
 FORMAT = "clip3d"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _REQUIRED = ("model_config", "state_dict", "clip")
 _MAX_LISTED = 8  # keys listed per kind in a state-dict mismatch message
 
@@ -59,10 +67,13 @@ class Checkpoint:
     text_bank: EmbeddingBank | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    panoptic: PanopticInfo | None = None
 
-    def build_model(self, device: str | torch.device = "cpu") -> Clip3DNet:
-        """A `Clip3DNet` with these weights, in eval mode on `device`."""
-        model = Clip3DNet(self.model_config)
+    def build_model(self, device: str | torch.device = "cpu") -> Clip3DNet | PanopticNet:
+        """The network (`Clip3DNet`, or `PanopticNet` for a panoptic checkpoint) with these weights,
+        in eval mode on `device`."""
+        model = _network(self.model_config, self.panoptic)
         model.load_state_dict(self.state_dict, strict=True)  # compatibility checked at load time
         return model.to(device).eval()
 
@@ -83,6 +94,12 @@ def _plain_vocabulary(vocabulary: Vocabulary | Sequence[str] | None) -> list[str
     return Vocabulary.from_strings(vocabulary).to_strings()  # validates
 
 
+def _network(model_cfg: ModelConfig, panoptic: PanopticInfo | None) -> Clip3DNet | PanopticNet:
+    if panoptic is None:
+        return Clip3DNet(model_cfg)
+    return PanopticNet(PanopticModelConfig(model_cfg, panoptic.head))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The bare network under DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
@@ -101,15 +118,26 @@ def save_checkpoint(
     vocabulary: Vocabulary | Sequence[str] | None = None,
     text_bank: EmbeddingBank | None = None,
     meta: Mapping[str, Any] | None = None,
+    dense: DenseConfig | None = None,
+    panoptic: PanopticInfo | None = None,
 ) -> Path:
-    """Write `model`'s weights with everything needed to rebuild and use it. Atomic (temp file +
+    """Write `model`'s weights with everything needed to rebuild and use it (``dense``: how the CLIP
+    image features it was trained on were made; default `DenseConfig()`). Atomic (temp file +
     rename), so a crash mid-save never leaves a truncated checkpoint under `path`.
 
-    `meta` must hold plain data only (numbers, strings, lists, dicts, tensors)."""
+    `meta` must hold plain data only (numbers, strings, lists, dicts, tensors). A `PanopticNet` needs
+    ``panoptic`` (its head config, thing classes and minimum segment size)."""
     path = Path(path)
     net = _unwrap(model)
-    if getattr(net, "cfg", model_cfg) != model_cfg:
-        raise CheckpointError(f"model_cfg does not describe the model being saved: {model_cfg} vs {net.cfg}")
+    net_cfg = getattr(net, "cfg", model_cfg)
+    if isinstance(net_cfg, PanopticModelConfig):
+        if panoptic is None or panoptic.head != net_cfg.head:
+            raise CheckpointError("a panoptic model is saved with its PanopticInfo (same head config)")
+        net_cfg = net_cfg.model
+    elif panoptic is not None:
+        raise CheckpointError("panoptic info given for a model without a panoptic head")
+    if net_cfg != model_cfg:
+        raise CheckpointError(f"model_cfg does not describe the model being saved: {model_cfg} vs {net_cfg}")
     if identity.embed_dim != model_cfg.embed_dim:
         raise CheckpointError(
             f"model embed_dim {model_cfg.embed_dim} != CLIP {identity} embed_dim {identity.embed_dim}"
@@ -127,6 +155,7 @@ def save_checkpoint(
         "model_config": to_dict(model_cfg),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "clip": {"config": to_dict(clip_cfg), "identity": identity.as_dict()},
+        "dense": to_dict(dense or DenseConfig()),
         "vocabulary": _plain_vocabulary(vocabulary),
         "text_bank": bank,
         "meta": {
@@ -135,6 +164,8 @@ def save_checkpoint(
             **dict(meta or {}),
         },
     }
+    if panoptic is not None:
+        payload["panoptic"] = to_dict(panoptic)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -187,10 +218,11 @@ def _read(path: Path) -> Any:
         ) from exc
 
 
-def _check_state_dict(model_cfg: ModelConfig, state_dict: Mapping[str, Any], path: Path) -> None:
-    """Compare names and shapes with the network `model_cfg` builds (on the meta device: no memory)."""
+def _check_state_dict(model_cfg: ModelConfig, panoptic: PanopticInfo | None, state_dict: Mapping[str, Any],
+                      path: Path) -> None:
+    """Compare names and shapes with the network the configs build (on the meta device: no memory)."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Clip3DNet(model_cfg).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in _network(model_cfg, panoptic).state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     not_tensor = sorted(k for k in set(expected) & set(state_dict) if not isinstance(state_dict[k], Tensor))
@@ -216,6 +248,12 @@ def _check_state_dict(model_cfg: ModelConfig, state_dict: Mapping[str, Any], pat
     ]
     if problems:
         raise CheckpointError(f"state dict in {path} does not fit its model config: " + "; ".join(problems))
+
+
+def _dense_of_format_1(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Format 1 kept a fusion model's dense settings only in the training config it recorded."""
+    teacher = (meta.get("train_config") or {}).get("teacher") or {}
+    return {"last_block": teacher.get("dense_last_block", "value"), "short_side": teacher.get("short_side")}
 
 
 def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> Checkpoint:
@@ -249,12 +287,18 @@ def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> C
         model_cfg = from_dict(ModelConfig, raw["model_config"])
         clip_cfg = from_dict(ClipConfig, raw["clip"]["config"])
         clip_id = ClipIdentity.from_dict(raw["clip"]["identity"])
-    except (ConfigError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: invalid model/CLIP configuration: {exc}") from exc
+        dense_data = raw.get("dense") if version >= 2 else _dense_of_format_1(raw.get("meta") or {})
+        dense = from_dict(DenseConfig, dense_data or {}, where="dense")
+        panoptic = None if raw.get("panoptic") is None else from_dict(PanopticInfo, raw["panoptic"],
+                                                                      where="panoptic")
+    except (ConfigError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} (format version {version}): invalid model/CLIP/dense configuration: {exc}"
+        ) from exc
     state_dict = raw["state_dict"]
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}, not a dict")
-    _check_state_dict(model_cfg, state_dict, path)
+    _check_state_dict(model_cfg, panoptic, state_dict, path)
     if clip_id.embed_dim != model_cfg.embed_dim:
         raise CheckpointError(f"{path}: model embed_dim {model_cfg.embed_dim} != CLIP {clip_id} embed_dim")
 
@@ -289,6 +333,8 @@ def load_checkpoint(path: str | Path, identity: ClipIdentity | None = None) -> C
         text_bank=bank,
         meta=dict(raw.get("meta") or {}),
         format_version=version,
+        dense=dense,
+        panoptic=panoptic,
     )
     if identity is not None:
         ckpt.check_identity(identity)

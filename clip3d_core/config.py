@@ -22,6 +22,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if value is None:
         return None
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} not in {args}")
+        return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if dataclasses.is_dataclass(value):
             return value
@@ -42,7 +46,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is list:
         return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict:
-        return dict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        if not args:
+            return dict(value)
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -63,6 +71,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def check_choices(obj: Any, where: str | None = None) -> None:
+    """Raise `ConfigError` for a `Literal[...]` field of dataclass `obj` (or of a nested one) holding
+    a value outside its choices: dataclasses built in code, not through `from_dict`, get the same
+    check as the ones read from YAML."""
+    where = where or type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
+            raise ConfigError(f"{where}.{f.name}: {value!r} not in {typing.get_args(tp)}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_choices(value, f"{where}.{f.name}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clip3d_core.losses.classification import IGNORE_INDEX  # one "no label" value everywhere
+from clip3d_core.labels import IGNORE_INDEX
 
 
 class EvaluationError(ValueError):

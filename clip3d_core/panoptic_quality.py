@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from clip3d_core.config import ConfigError
+from clip3d_core.data.panoptic import panoptic_spec
 from clip3d_core.evaluation import ConfusionMatrix, EvaluationError, mean_iou
+from clip3d_core.metrics import GroundTruth, MetricContext, register_metric
+from clip3d_core.predictor import Prediction
 
 MATCH_IOU = 0.5
 
@@ -182,3 +188,47 @@ class PanopticQuality:
             summary["miou" + suffix] = None if np.isnan(m) else m
         return PanopticReport(self.class_names, pq.tolist(), sq.tolist(), rq.tolist(),
                               [None if np.isnan(v) else float(v) for v in iou.tolist()], summary)
+
+
+@register_metric("panoptic")
+class PanopticMetric:
+    """PQ / SQ / RQ overall and per group (things, stuff, base = seen, novel = unseen) of predictions
+    carrying instance ids in ``Prediction.extras["instances"]``::
+
+        evaluation:
+          metrics:
+            semantic: {}
+            panoptic: {options: {dataset: nuscenes}}   # things and min_points of the dataset
+
+    mIoU is left to the semantic metric (the keys would clash)."""
+
+    @dataclass
+    class Options:
+        dataset: str = ""  # a `PanopticSpec` name: its things and minimum segment size
+        things: list[str] = field(default_factory=list)  # overrides the dataset's things
+        min_points: int = 0  # 0: the dataset's
+
+    def __init__(self, context: MetricContext, options: Options) -> None:
+        spec = panoptic_spec(options.dataset) if options.dataset else None
+        things = set(options.things or (spec.things if spec else ()))
+        if not things:
+            raise ConfigError("panoptic metric: give options.dataset or options.things")
+        min_points = options.min_points or (spec.min_points if spec else 0)
+        if min_points < 1:
+            raise ConfigError("panoptic metric: give options.min_points (or a dataset)")
+        names = context.class_names
+        novel = [i in set(context.unseen) for i in range(len(names))]
+        self.quality = PanopticQuality(names, [n in things for n in names], min_points=min_points,
+                                       novel=novel if context.unseen else None)
+
+    def update(self, prediction: Prediction, truth: GroundTruth) -> None:
+        if "instances" not in prediction.extras or truth.instances is None:
+            raise ValueError("panoptic metric: the prediction has no instance ids or the frame none")
+        self.quality.update(prediction.labels, prediction.extras["instances"], truth.labels, truth.instances)
+
+    def state(self) -> list[Tensor]:
+        c = self.quality.counts
+        return [torch.from_numpy(a) for a in (c.tp, c.fp, c.fn, c.iou_sum)] + [self.quality.confusion.counts]
+
+    def compute(self) -> dict[str, Any]:
+        return {k: v for k, v in self.quality.report().summary.items() if not k.startswith("miou")}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip3d_core.losses.classification import IGNORE_INDEX
+from clip3d_core.labels import IGNORE_INDEX
 
 CONFIDENCE_KINDS = ("prob", "margin")
 
@@ -35,7 +35,6 @@ class PseudoLabelConfig:
     confidence: str = "prob"  # "prob": top-1 softmax probability; "margin": top-1 minus top-2 probability
     min_confidence: float = 0.0  # global threshold on the confidence
     top_fraction: float | None = None  # per class, keep only this fraction of the most confident points
-    restrict_to: tuple[int, ...] | None = None  # class ids pseudo labels may take (e.g. the unseen ones)
 
     def validate(self) -> PseudoLabelConfig:
         if self.temperature <= 0:
@@ -179,6 +178,8 @@ def point_pseudo_labels(
     visible: Tensor,
     text: Tensor,
     cfg: PseudoLabelConfig | None = None,
+    *,
+    restrict_to: Sequence[int] | None = None,
 ) -> PseudoLabels:
     """CLIP pseudo labels for points from their sampled 2D features (`teacher.PointTargets`).
 
@@ -189,13 +190,15 @@ def point_pseudo_labels(
         point_features: [N, D] CLIP features at the points' pixels.
         visible: [N] bool, points seen by a camera.
         text: [C, D] text embeddings of the full vocabulary (seen + unseen).
+        restrict_to: class ids pseudo labels may take (e.g. the unseen ones; the caller's split
+            decides, so it is an argument, not a user setting).
     """
     cfg = (cfg or PseudoLabelConfig()).validate()
     labels, conf = classify(point_features, text, temperature=cfg.temperature, confidence=cfg.confidence)
     num_classes = text.shape[0]
     labels = torch.where(visible, labels, IGNORE_INDEX)
-    if cfg.restrict_to is not None:
-        labels = restrict_labels(labels, cfg.restrict_to, num_classes)
+    if restrict_to is not None:
+        labels = restrict_labels(labels, restrict_to, num_classes)
     labels = filter_by_confidence(
         labels, conf, min_confidence=cfg.min_confidence, top_fraction=cfg.top_fraction,
         num_classes=num_classes,

@@ -156,20 +156,18 @@ class HostBuffers:
 
     def upload(self, key: str, arrays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """One array, or same-shape arrays stacked on a new first axis, as a tensor on the device."""
-        if isinstance(arrays, np.ndarray):
-            if self.device.type != "cuda":
-                return torch.from_numpy(np.ascontiguousarray(arrays))
-            arrays = [arrays]
-            shape: tuple[int, ...] = arrays[0].shape
+        single = isinstance(arrays, np.ndarray)
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.ascontiguousarray(arrays) if single else np.stack(arrays))
+        first = arrays if single else arrays[0]
+        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+        view = self.staging(key, first.shape if single else (len(arrays), *first.shape), dtype)
+        host = view.numpy()
+        if single:
+            host[...] = arrays  # one copy from the caller's memory into the staging buffer
         else:
-            if self.device.type != "cuda":
-                return torch.from_numpy(np.stack(arrays))
-            shape = (len(arrays), *arrays[0].shape)
-        dtype = torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype
-        view = self.staging(key, shape, dtype)
-        flat = view.view(-1, *arrays[0].shape)
-        for i, a in enumerate(arrays):
-            flat[i].numpy()[...] = a  # one copy from the caller's memory into the staging buffer
+            for i, a in enumerate(arrays):
+                host[i] = a
         out = view.to(self.device, non_blocking=self.pin)
         self._mark(key)
         return out
@@ -177,7 +175,7 @@ class HostBuffers:
     def download(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Tensors -> host arrays with one synchronisation. The arrays are views of the staging
         buffers: valid until the next `download` of the same key (copy what you keep)."""
-        if self.device.type != "cuda":
+        if self.device.type == "cpu":
             return {k: t.detach().numpy() for k, t in tensors.items()}
         out = {}
         for key, t in tensors.items():
@@ -210,12 +208,12 @@ class Runtime:
     def prepare_model(self, model: Clip3DNet) -> Clip3DNet:
         """The model on the device, in eval mode, on the requested backend and precision (its
         cosine classifier stays float32), dense parts compiled when asked; TF32 set."""
-        backend = sparse_backend.resolve(self.options.backend) if self.options.backend else None
-        sparse_backend.check_device(backend or model.backbone.backend, self.device)
-        if backend is not None and backend != model.backbone.backend:
+        current = model.backbone.backend
+        backend = sparse_backend.for_device(self.device, self.options.backend, current)
+        if backend != current:
             rebuilt = Clip3DNet(model.cfg, backend=backend)
             rebuilt.load_state_dict(model.state_dict(), strict=True)  # same names on every backend
-            log.info("model moved from %s to %s", model.backbone.backend, backend)
+            log.info("model moved from the %s backend to %s for %s", current, backend, self.device)
             model = rebuilt
         model = model.to(self.device, self.dtype).eval()
         model.classifier.float()

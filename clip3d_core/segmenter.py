@@ -18,6 +18,7 @@ consistent (vocabulary, text embeddings) pair at its start.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 
 from clip3d_core.checkpoint import CheckpointError, load_checkpoint
 from clip3d_core.clip import (
-    UNLABELLED,
     ClipConfig,
     ClipIdentity,
     EmbeddingBank,
@@ -40,10 +40,13 @@ from clip3d_core.clip import (
     VocabularyError,
     load_clip,
 )
-from clip3d_core.clip.dense import DenseClipEncoder, DenseFeatures
-from clip3d_core.geometry import PinholeCamera, project_points
-from clip3d_core.model import Clip3DNet, PointOutput
+from clip3d_core.clip.dense import DenseClipEncoder
+from clip3d_core.geometry import PinholeCamera
+from clip3d_core.labels import UNLABELLED
+from clip3d_core.model import Clip3DNet
+from clip3d_core.predictor import CameraFeatures, predict
 from clip3d_core.runtime import Runtime, RuntimeOptions
+from clip3d_core.teacher import CameraView, ClipTeacher, TeacherOutput, attach_points
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,27 @@ class SegmentationResult:
         return out
 
 
+class _ImageFeatures:
+    """Fusion input of one `segment` call: the image tower starts on its own stream once the points
+    are voxelised (overlapping the 3D network), then its features are sampled at each valid point's
+    first visible camera (`attach_points`, the training teacher's code path)."""
+
+    def __init__(self, teacher: ClipTeacher, runtime: Runtime, view: CameraView, text: torch.Tensor,
+                 xyz: torch.Tensor) -> None:
+        self.teacher, self.runtime, self.view, self.text, self.xyz = teacher, runtime, view, text, xyz
+        self.encoded: TeacherOutput | None = None
+
+    def start(self) -> None:
+        with self.runtime.image_stream():
+            self.encoded = self.teacher(self.view, self.text)
+
+    def features(self, valid: torch.Tensor) -> CameraFeatures:
+        assert self.encoded is not None
+        self.runtime.join_image_stream(*self.encoded.features)
+        pt = attach_points(self.encoded, self.xyz, self.view.cameras, select=valid)
+        return CameraFeatures(pt.features, pt.visible)
+
+
 class Segmenter:
     """A trained `Clip3DNet` plus the text embeddings of the current vocabulary.
 
@@ -109,9 +133,14 @@ class Segmenter:
         self.identity = identity
         self.text_source = text_source
         self.dense = None if dense is None else self.runtime.prepare_dense(dense)
+        # CLIP features at points come from the training teacher's code path (`attach_points`).
+        self.teacher = None if self.dense is None else ClipTeacher(
+            self.dense, short_side=image_short_side, upload=self.runtime.buffers.upload)
         self.score_threshold = score_threshold
         self.image_short_side = image_short_side
         self._lock = threading.Lock()
+        # On CUDA frames share the runtime's staging buffers and streams: one frame at a time.
+        self._frame_lock = threading.Lock() if self.runtime.cuda else contextlib.nullcontext()
         self._versions = itertools.count(1)
         self._state: tuple[Vocabulary, torch.Tensor] | None = None
         self._warned_columns = False
@@ -144,6 +173,8 @@ class Segmenter:
         tower for fusion models). ``vocabulary`` defaults to the checkpoint's, if it stored one.
         """
         ckpt = load_checkpoint(path)
+        if ckpt.panoptic is not None:  # instance output through the Segmenter is not built yet
+            raise CheckpointError(f"{path} is a panoptic checkpoint; run it with predictor.predict_panoptic")
         model = ckpt.build_model(device)
         bank = None
         if embedding_bank == CHECKPOINT_BANK:
@@ -166,8 +197,9 @@ class Segmenter:
                         "no fusion", clip.model_name)
         text_source = bank if bank is not None else TextEncoder(loaded, cache_dir=text_cache_dir)
         # A fusion model reads CLIP features made the way its training teacher made them.
-        last_block = ckpt.meta.get("train_config", {}).get("teacher", {}).get("dense_last_block", "value")
-        dense = DenseClipEncoder(loaded, last_block) if ckpt.model_config.fusion else None
+        dense = DenseClipEncoder(loaded, ckpt.dense.last_block) if ckpt.model_config.fusion else None
+        if image_short_side is None:
+            image_short_side = ckpt.dense.short_side
         if vocabulary is None and ckpt.vocabulary is not None:
             vocabulary = ckpt.vocabulary
         log.info(
@@ -218,8 +250,12 @@ class Segmenter:
     def encode_vocabulary(self, names: VocabularyLike) -> tuple[Vocabulary, torch.Tensor]:
         """Build and embed a new vocabulary (with the next version number) without installing it.
         Thread-safe; may take a while with the text tower, so call it off the processing thread."""
-        strings = names.to_strings() if isinstance(names, Vocabulary) else names
-        vocab = Vocabulary.from_strings(strings, version=next(self._versions))
+        version = next(self._versions)
+        vocab = (  # a Vocabulary is already parsed (the node validates a live change once)
+            Vocabulary(names.entries, version=version)
+            if isinstance(names, Vocabulary)
+            else Vocabulary.from_strings(names, version=version)
+        )
         return vocab, self._embed_text(vocab)
 
     def swap_vocabulary(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> bool:
@@ -292,49 +328,6 @@ class Segmenter:
                 )
 
     # ------------------------------------------------------------------ inference
-    def _encode_images(self, images: Sequence[np.ndarray]) -> list[tuple[list[int], DenseFeatures]]:
-        """Dense CLIP features of every image: one batched ViT pass per image size."""
-        assert self.dense is not None
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for m, img in enumerate(images):
-            by_size.setdefault(img.shape[:2], []).append(m)
-        return [
-            (
-                members,
-                self.dense.encode(
-                    [images[m] for m in members],
-                    self.image_short_side,
-                    upload=lambda imgs, key=f"images{k}": self.runtime.buffers.upload(key, imgs),
-                ),
-            )
-            for k, members in enumerate(by_size.values())
-        ]
-
-    def _image_features(
-        self,
-        xyz: torch.Tensor,
-        valid: torch.Tensor,
-        encoded: list[tuple[list[int], DenseFeatures]],
-        cameras: Sequence[PinholeCamera],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense CLIP features sampled at each valid point's first visible camera -> ([N, D], mask [N])."""
-        n, d = xyz.shape[0], self.model.cfg.embed_dim
-        feats = xyz.new_zeros(n, d)
-        mask = torch.zeros(n, dtype=torch.bool, device=xyz.device)
-        idx = valid.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return feats, mask
-        cam, uv = project_points(xyz.index_select(0, idx), list(cameras)).first_visible()
-        for members, dense in encoded:
-            for b, m in enumerate(members):
-                sel = (cam == m).nonzero().squeeze(1)
-                if sel.numel():
-                    rows = idx.index_select(0, sel)
-                    feats[rows] = dense.grid.sample(dense.features[b], uv.index_select(0, sel)).to(
-                        feats.dtype
-                    )
-                    mask[rows] = True
-        return feats, mask
 
     def segment(
         self,
@@ -370,43 +363,29 @@ class Segmenter:
             log.debug("images ignored: the model has no fusion")
         threshold = self.score_threshold if score_threshold is None else score_threshold
 
-        n = pts.shape[0]
         rt = self.runtime
-        watch = rt.timer()
-        labels = np.full(n, UNLABELLED, dtype=np.uint16)
-        scores = np.zeros(n, dtype=np.float32)
-        with torch.inference_mode():
+        with self._frame_lock, torch.inference_mode():
+            watch = rt.timer()
             x = rt.buffers.upload("points", pts)
-            vox = self.model.voxelize(x)
-            watch.lap("voxelise")
-            if use_images:  # the image tower runs on its own stream while the backbone runs
-                with rt.image_stream():
-                    encoded = self._encode_images(images)
-            out: PointOutput = self.model.encode(x, vox)
-            watch.lap("backbone")
+            camera = None
             if use_images:
-                rt.join_image_stream(*(dense.features for _, dense in encoded))
-                clip_feats, clip_mask = self._image_features(x[:, :3], out.valid, encoded, cameras)
-                out = self.model.fuse(out, clip_feats, clip_mask)
-                watch.lap("image")
-            # Point features and text rows are unit length (zero for invalid points), so no renormalising.
-            prob = self.model.logits(out.features, text, normalized=True).softmax(dim=1)
-            score, label = prob.max(dim=1)
+                assert self.teacher is not None and images is not None and cameras is not None
+                camera = _ImageFeatures(self.teacher, rt, CameraView(images, cameras), text, x[:, :3])
+            pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
             host = rt.buffers.download(
-                {"valid": out.valid, "label": label.to(torch.int32), "score": score.float()}
+                {"valid": pred.valid, "label": pred.labels.to(torch.int32), "score": pred.scores.float()}
             )
             valid = host["valid"].copy()
-            labels[valid] = host["label"][valid].astype(np.uint16)
-            scores[valid] = host["score"][valid]
-            features = out.features.float().cpu().numpy() if return_features else None
+            labels = np.where(host["label"] >= 0, host["label"], UNLABELLED).astype(np.uint16)
+            scores = host["score"].copy()
+            features = pred.features.float().cpu().numpy() if return_features else None
             watch.lap("classify")
-        if threshold is not None:
-            labels[valid & (scores < threshold)] = UNLABELLED
+            timings = watch.total()
         return SegmentationResult(
             labels=labels,
             scores=scores,
             vocabulary=vocab,
             valid=valid,
-            timings_ms=watch.total(),
+            timings_ms=timings,
             features=features,
         )

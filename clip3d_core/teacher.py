@@ -13,8 +13,9 @@ synthetic scenes lives with the synthetic world it needs (`clip3d_core.data.synt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -34,10 +35,19 @@ class TeacherError(ValueError):
 
 
 class FrameLike(Protocol):
-    """What teachers read from a frame (`clip3d_core.data.Frame` satisfies it)."""
+    """What teachers read from a frame (`clip3d_core.data.Frame` and `CameraView` satisfy it)."""
 
-    images: list[np.ndarray]
-    cameras: list[PinholeCamera]
+    images: Sequence[np.ndarray]
+    cameras: Sequence[PinholeCamera]
+
+
+@dataclasses.dataclass
+class CameraView:
+    """The calibrated camera images of one sweep, without a dataset frame around them (what the
+    segmenter receives): ``images[i]`` uint8 HxWx3 seen through ``cameras[i]``."""
+
+    images: Sequence[np.ndarray]
+    cameras: Sequence[PinholeCamera]
 
 
 @dataclasses.dataclass
@@ -141,15 +151,49 @@ def frame_point_targets(
     frame: FrameLike,
     text: Tensor,
     *,
+    xyz: Tensor | None = None,
+    select: Tensor | None = None,
     sampling: str = "bilinear",
     occlusion: bool = True,
 ) -> tuple[TeacherOutput, PointTargets]:
-    """Run ``teacher`` on a frame and attach its features to the frame's points (first camera
-    that sees a point, occlusion-tested projection)."""
+    """CLIP features at points: run ``teacher`` on the frame's images (one batch per image size)
+    and sample its features at the points (`attach_points`). The one way the teacher, the trainer
+    and the segmenter get them (the segmenter runs the two steps apart, to overlap the image tower
+    with the 3D network).
+
+    Args:
+        xyz: [N, 3] points (default: ``frame.points``).
+        select: [N] bool, the points to project; the others count as seen by no camera.
+    """
     out = teacher(frame, text)
-    xyz = torch.as_tensor(np.asarray(frame.points)[:, :3], dtype=torch.float32)
-    cam, uv = project_points(xyz, frame.cameras, occlusion=occlusion).first_visible()
-    return out, out.point_targets(cam, uv, sampling=sampling)
+    if xyz is None:
+        xyz = torch.as_tensor(np.asarray(frame.points)[:, :3], dtype=torch.float32)
+    return out, attach_points(out, xyz, frame.cameras, select=select, sampling=sampling, occlusion=occlusion)
+
+
+def attach_points(
+    out: TeacherOutput,
+    xyz: Tensor,
+    cameras: Sequence[PinholeCamera],
+    *,
+    select: Tensor | None = None,
+    sampling: str = "bilinear",
+    occlusion: bool = True,
+) -> PointTargets:
+    """Each point's feature at its pixel in the first camera that sees it (occlusion-tested
+    projection). ``select``: [N] bool, the points to project (the segmenter passes its valid
+    points: a NaN point is never projected); the others count as seen by no camera."""
+    if select is None:
+        cam, uv = project_points(xyz, list(cameras), occlusion=occlusion).first_visible()
+    else:
+        idx = select.nonzero().squeeze(1)
+        cam = torch.full((xyz.shape[0],), -1, dtype=torch.long, device=xyz.device)
+        uv = xyz.new_zeros(xyz.shape[0], 2)
+        if idx.numel():
+            proj = project_points(xyz.index_select(0, idx), list(cameras), occlusion=occlusion)
+            c, p = proj.first_visible()
+            cam[idx], uv[idx] = c.to(cam.device).long(), p.to(uv)
+    return out.point_targets(cam, uv, sampling=sampling)
 
 
 # ------------------------------------------------------------------------------------ real CLIP
@@ -159,12 +203,15 @@ class ClipTeacher:
     """Dense CLIP features of every camera image (`DenseClipEncoder`, frozen).
 
     Images are encoded in one batch per distinct image size, resized to a short side of
-    ``short_side`` pixels (default: the model's native input size).
+    ``short_side`` pixels (default: the model's native input size). ``upload(key, images)``, when
+    given, moves each size group's batch to the device (the segmenter's pinned staging buffers).
     """
 
-    def __init__(self, encoder: DenseClipEncoder, *, short_side: int | None = None) -> None:
+    def __init__(self, encoder: DenseClipEncoder, *, short_side: int | None = None,
+                 upload: Callable[[str, Sequence[np.ndarray]], Tensor] | None = None) -> None:
         self.encoder = encoder
         self.short_side = short_side
+        self.upload = upload
 
     def __call__(self, frame: FrameLike, text: Tensor) -> TeacherOutput:
         images = list(frame.images)
@@ -176,8 +223,9 @@ class ClipTeacher:
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(np.shape(img)[:2]), []).append(i)
-        for idx in by_size.values():
-            dense = self.encoder.encode([images[i] for i in idx], self.short_side)
+        for group, idx in enumerate(by_size.values()):
+            upload = None if self.upload is None else functools.partial(self.upload, f"images{group}")
+            dense = self.encoder.encode([images[i] for i in idx], self.short_side, upload)
             for k, i in enumerate(idx):
                 features[i], grids[i] = dense.features[k], dense.grid
         return TeacherOutput(features=features, grids=grids, embed_dim=dim)  # type: ignore[arg-type]

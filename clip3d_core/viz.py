@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clip3d_core.clip import UNLABELLED, UNLABELLED_COLOUR, Vocabulary
+from clip3d_core.clip import Vocabulary
+from clip3d_core.labels import UNLABELLED, UNLABELLED_COLOUR
 
 BACKGROUND = (0, 0, 0)
 DEFAULT_EXTENT = (-51.2, -51.2, 51.2, 51.2)  # x_min, y_min, x_max, y_max in metres (LiDAR frame)

@@ -49,7 +49,6 @@ T_COMPRESSED = "sensor_msgs/msg/CompressedImage"
 T_CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 T_TF = "tf2_msgs/msg/TFMessage"
 T_STRING = "std_msgs/msg/String"
-T_CLOCK = "rosgraph_msgs/msg/Clock"
 
 
 class BagError(ValueError):

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_core.clip.vocabulary import UNLABELLED_COLOUR
 from clip3d_core.geometry import CalibrationError, PinholeCamera, camera_from_camera_info
 from clip3d_core.io import INTENSITY_FIELDS, CloudFormatError, ImageFormatError
+from clip3d_core.labels import UNLABELLED_COLOUR
 
 __all__ = [
     "DATATYPES",
@@ -153,19 +153,23 @@ def check_layout(
     return dtype
 
 
+def _layout_of(msg: Any) -> dict[str, Any]:
+    """A PointCloud2's header and field table as `check_layout` / `structured_from_buffer` take them."""
+    return {
+        "fields": msg.fields,
+        "point_step": msg.point_step,
+        "width": msg.width,
+        "height": msg.height,
+        "row_step": msg.row_step,
+        "is_bigendian": bool(msg.is_bigendian),
+    }
+
+
 def check_cloud(msg: Any, max_points: int | None = None) -> np.dtype:
     """`check_layout` of a PointCloud2 message, plus: x, y, z present as scalar fields and at most
     `max_points` points. The node runs it on the callback thread, so a malformed cloud never takes
     a valid one's place in the queue."""
-    dtype = check_layout(
-        len(msg.data),
-        fields=msg.fields,
-        point_step=msg.point_step,
-        width=msg.width,
-        height=msg.height,
-        row_step=msg.row_step,
-        is_bigendian=bool(msg.is_bigendian),
-    )
+    dtype = check_layout(len(msg.data), **_layout_of(msg))
     n = int(msg.width) * int(msg.height)
     if max_points is not None and n > max_points:
         raise CloudFormatError(f"{n} points exceed max_points {max_points}")
@@ -215,15 +219,7 @@ def structured_from_buffer(
 
 def cloud_to_array(msg: Any) -> np.ndarray:
     """PointCloud2 (rclpy or rosbags) -> 1-D structured array in the message's point order."""
-    return structured_from_buffer(
-        msg.data,
-        fields=msg.fields,
-        point_step=msg.point_step,
-        width=msg.width,
-        height=msg.height,
-        row_step=msg.row_step,
-        is_bigendian=bool(msg.is_bigendian),
-    )
+    return structured_from_buffer(msg.data, **_layout_of(msg))
 
 
 def _byte_array(values: np.ndarray) -> array.array:

@@ -20,7 +20,6 @@ import numpy as np
 __all__ = ["CameraHealth", "PipelineDiagnostics", "percentile", "stamp_rate_hz"]
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
-LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -14,9 +14,9 @@ output message from `LabelledFrame.records` / `.height` with `conversions.cloud_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +30,6 @@ __all__ = [
     "DecodedCloud",
     "ImageLimits",
     "LabelledFrame",
-    "SegmentFn",
     "decode_cloud",
     "label_frame",
 ]
@@ -127,17 +126,6 @@ class CameraResolver:
 CAMERA_ERRORS = (CalibrationError, ImageFormatError)
 
 
-class SegmentFn(Protocol):
-    def __call__(
-        self,
-        points: np.ndarray,
-        images: Any = None,
-        cameras: Any = None,
-        *,
-        score_threshold: float | None = None,
-    ) -> Any: ...
-
-
 @dataclass(frozen=True)
 class LabelledFrame:
     records: np.ndarray  # x, y, z, [intensity], label, score, rgb (conversions.labelled_points)
@@ -147,7 +135,7 @@ class LabelledFrame:
 
 
 def label_frame(
-    segment: SegmentFn,
+    segment: Callable[..., Any],
     cloud: DecodedCloud,
     images: Sequence[np.ndarray],
     cameras: Sequence[PinholeCamera],

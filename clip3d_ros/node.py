@@ -9,8 +9,11 @@ Data flow (callbacks never block; one worker thread runs the model):
     parameter `vocabulary` ─► on-set validation ─► encoder thread (encode_vocabulary) ─► worker
                               swaps it in between two frames, publishes ~/vocabulary, then labels.
 
-Outputs
-* `output_topic` (default `~/labelled_points`): input header, same points in the same order (and
+Topics are relative and remapped in the launch file (breaking change: they used to be the
+`cloud_topic` / `output_topic` parameters, default /points and ~/labelled_points):
+* `~/input/pointcloud` (launch default /points): the LiDAR cloud.
+* `~/output/pointcloud` (launch default /clip3d/labelled_points): input header, same points in
+  the same order (and
   the same height/width for organised clouds); fields x, y, z, [intensity], label (uint16, 65535 =
   unlabelled), score, rgb (vocabulary colour; grey when unlabelled).
 * `~/vocabulary` (transient local): the vocabulary map, re-published on every change.
@@ -69,7 +72,14 @@ from clip3d_ros.conversions import (
 from clip3d_ros.diagnostics import PipelineDiagnostics
 from clip3d_ros.frame_queue import FrameQueue
 from clip3d_ros.labelling import CAMERA_ERRORS, CameraResolver, ImageLimits, decode_cloud, label_frame
-from clip3d_ros.params import CameraParams, NodeParams, ParameterError, declare_parameters, validate_change
+from clip3d_ros.params import (
+    CameraParams,
+    NodeParams,
+    ParameterError,
+    declare_parameters,
+    parse_vocabulary,
+    validate_change,
+)
 from clip3d_ros.sync import CloudCameraSync, MessageFiltersSynchronizer, SyncedFrame, make_matcher
 from clip3d_ros.vocabulary_map import (
     LABELS_META_TOPIC,
@@ -89,6 +99,9 @@ except ImportError:
 __all__ = ["Clip3DNode", "FrameTiming", "SegmenterLike", "main", "run"]
 
 NODE_NAME = "clip3d"
+# Relative topics (ROS / Autoware convention), remapped in the launch file.
+INPUT_TOPIC = "~/input/pointcloud"
+OUTPUT_TOPIC = "~/output/pointcloud"
 LOG_THROTTLE_S = 5.0
 SYNC_POLL_PERIOD_S = 0.02
 
@@ -165,9 +178,6 @@ class Clip3DNode(Node):
         self.params: NodeParams = declare_parameters(self)
         p = self.params
         self._segmenter = segmenter if segmenter is not None else self._load_segmenter(p)
-        self._score_threshold = p.score_threshold
-        self._skip_without_subscribers = p.skip_without_subscribers
-        self._max_points = p.max_points
         self._last_log: dict[str, float] = {}
         self.timings: deque[FrameTiming] = deque(maxlen=1000)
 
@@ -192,17 +202,18 @@ class Clip3DNode(Node):
             self._tf_buffer = TfBuffer()
             self._tf_listener = TransformListener(self._tf_buffer, self)
 
-        self._cloud_pub = self.create_publisher(PointCloud2, p.output_topic, p.qos_output.profile())
+        self._cloud_pub = self.create_publisher(PointCloud2, OUTPUT_TOPIC, p.qos_output.profile())
         self._meta_pub = self.create_publisher(String, LABELS_META_TOPIC, labels_meta_qos())
         self._vocab_pub = self.create_publisher(String, VOCABULARY_TOPIC, vocabulary_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
-        self._vocab_request: list[str] | None = None
+        self._vocab_request: Any = None
+        self._checked_vocabulary: Any = None  # parsed by the on-set check, handed to the encoder
         self.active_vocabulary: Any = None
-        self._install_vocabulary(*self._encode_or_fail(p.vocabulary))
+        self._start_vocabulary(parse_vocabulary(p.vocabulary))
 
-        self.create_subscription(
-            PointCloud2, p.cloud_topic, self._guarded("cloud", self._on_cloud), p.qos_cloud.profile()
+        self._cloud_sub = self.create_subscription(
+            PointCloud2, INPUT_TOPIC, self._guarded("cloud", self._on_cloud), p.qos_cloud.profile()
         )
         for i, cam in enumerate(p.cameras):
             img_type = CompressedImage if cam.transport == "compressed" else Image
@@ -239,7 +250,8 @@ class Clip3DNode(Node):
             if on
         ]
         self.get_logger().info(
-            f"labelling {p.cloud_topic} -> {self._cloud_pub.topic_name} with {len(self.active_vocabulary)} "
+            f"labelling {self._cloud_sub.topic_name} -> {self._cloud_pub.topic_name} with "
+            f"{len(self.active_vocabulary)} "
             f"classes, cameras {[c.name for c in p.cameras] or 'none'}{''.join(', ' + e for e in extras)}"
         )
 
@@ -248,15 +260,36 @@ class Clip3DNode(Node):
     def _load_segmenter(p: NodeParams) -> SegmenterLike:
         if not p.checkpoint:
             raise ParameterError("parameter 'checkpoint' is empty: set it to a clip3d checkpoint (.pt)")
+        from clip3d_core.model.sparse_backend import SparseBackendError
+        from clip3d_core.runtime import RuntimeOptionError, RuntimeOptions
         from clip3d_core.segmenter import Segmenter
 
-        return Segmenter.from_checkpoint(
-            p.checkpoint, device=p.device, embedding_bank=p.embedding_bank or None
-        )
+        try:  # the runtime.* parameters are checked where they are defined
+            runtime = RuntimeOptions(
+                backend=p.sparse_backend or None, precision=p.precision, tf32=p.tf32, compile=p.compile
+            )
+            # The node's vocabulary is encoded here, once (not the checkpoint's first).
+            return Segmenter.from_checkpoint(
+                p.checkpoint,
+                device=p.device,
+                embedding_bank=p.embedding_bank or None,
+                vocabulary=p.vocabulary,
+                runtime=runtime,
+            )
+        except (RuntimeOptionError, SparseBackendError) as exc:
+            raise ParameterError(f"runtime.*: {exc}") from exc
+        except VocabularyError as exc:
+            raise ParameterError(f"initial vocabulary unusable: {exc}") from exc
 
-    def _encode_or_fail(self, names: list[str]) -> tuple[Any, Any]:
+    def _start_vocabulary(self, vocab: Any) -> None:
+        """Announce the start-up vocabulary: the segmenter's when it already has it (a loaded
+        checkpoint), else encoded now (an injected segmenter)."""
+        current = self._segmenter.vocabulary
+        if current is not None and current.to_strings() == vocab.to_strings():
+            self._announce_vocabulary(current)
+            return
         try:
-            return self._segmenter.encode_vocabulary(list(names))
+            self._install_vocabulary(*self._segmenter.encode_vocabulary(vocab))
         except VocabularyError as exc:
             raise ParameterError(f"initial vocabulary unusable: {exc}") from exc
 
@@ -308,11 +341,11 @@ class Clip3DNode(Node):
     def _on_cloud(self, msg: PointCloud2) -> None:
         stamp = _stamp_ns(msg.header.stamp)
         self.diagnostics.on_cloud(stamp)
-        if self._skip_without_subscribers and self._cloud_pub.get_subscription_count() == 0:
+        if self.params.skip_without_subscribers and self._cloud_pub.get_subscription_count() == 0:
             self.diagnostics.on_skipped()
             return
         try:  # header and field table only (no copy): a bad cloud never enters the queue
-            check_cloud(msg, self._max_points)
+            check_cloud(msg, self.params.max_points)
         except CloudFormatError as exc:
             self._bad_input("cloud", str(exc))
             return
@@ -355,33 +388,25 @@ class Clip3DNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        reason = validate_change(params)
-        vocabulary = next((p.value for p in params if p.name == "vocabulary"), None)
+        reason, vocabulary = validate_change(params)
         if reason is None and vocabulary is not None:
             try:  # what only the segmenter knows, e.g. a class missing from its embedding bank
-                self._segmenter.check_vocabulary(list(vocabulary))
+                self._segmenter.check_vocabulary(vocabulary)
             except VocabularyError as exc:
                 reason = f"vocabulary rejected: {exc}"
+        self._checked_vocabulary = vocabulary if reason is None else None
         return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
-        for p in params:
-            if p.name == "vocabulary":
-                with self._encode:
-                    self._vocab_request = list(p.value)
-                    self._encode.notify_all()
-            elif p.name == "score_threshold":
-                self._score_threshold = float(p.value)
-            elif p.name == "budget_ms":
-                self.diagnostics.budget_ms = float(p.value)
-            elif p.name == "max_points":
-                self._max_points = int(p.value)
-            elif p.name == "skip_without_subscribers":
-                self._skip_without_subscribers = bool(p.value)
-            elif p.name == "sync.slop":
-                self._sync.slop = float(p.value)
-            elif p.name == "sync.camera_timeout":
-                self._sync.camera_timeout = float(p.value)
+        """Live changes (already accepted): the typed values, then what holds a copy of them."""
+        self.params = self.params.changed({p.name: p.value for p in params})
+        self.diagnostics.budget_ms = self.params.budget_ms
+        self._sync.slop = self.params.sync_slop
+        self._sync.camera_timeout = self.params.camera_timeout
+        if self._checked_vocabulary is not None and any(p.name == "vocabulary" for p in params):
+            with self._encode:
+                self._vocab_request, self._checked_vocabulary = self._checked_vocabulary, None
+                self._encode.notify_all()
 
     # ------------------------------------------------------------------ vocabulary (encoder thread)
     def _encode_loop(self) -> None:
@@ -405,6 +430,9 @@ class Clip3DNode(Node):
     def _install_vocabulary(self, vocab: Any, text: Any) -> None:
         if self._segmenter.swap_vocabulary(vocab, text) is False:
             return  # an older encoding than the one installed
+        self._announce_vocabulary(vocab)
+
+    def _announce_vocabulary(self, vocab: Any) -> None:
         self.active_vocabulary = vocab
         self._vocab_pub.publish(vocabulary_message(vocab))
         self.diagnostics.on_vocabulary(vocab.version, vocab.names)
@@ -444,7 +472,7 @@ class Clip3DNode(Node):
         t0 = time.perf_counter()
         msg: PointCloud2 = frame.cloud
         try:
-            cloud = decode_cloud(msg, self.params.intensity_field, self._max_points)
+            cloud = decode_cloud(msg, self.params.intensity_field, self.params.max_points)
         except CloudFormatError as exc:
             self._bad_input("cloud", str(exc))
             return
@@ -460,7 +488,7 @@ class Clip3DNode(Node):
             images,
             cameras,
             vocabulary=self.active_vocabulary,
-            score_threshold=self._score_threshold or None,
+            score_threshold=self.params.score_threshold or None,
         )
         vocab, out = labelled.vocabulary, labelled.records
         t2 = time.perf_counter()
@@ -537,7 +565,7 @@ class Clip3DNode(Node):
         info = cam.info
         T = self._tf_extrinsics(cam, image, cloud)
         if T is None:
-            T = p.T_cam_lidar
+            T = p.T
         if info is not None:
             if T is None:
                 if not p.calibration_file:

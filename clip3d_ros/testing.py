@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_core.clip import UNLABELLED, Vocabulary
+from clip3d_core.clip import Vocabulary
+from clip3d_core.labels import UNLABELLED
 from clip3d_core.segmenter import SegmentationResult
 
 __all__ = ["FakeSegmenter", "fake_labels", "ros_domain_id", "wait_for"]
@@ -53,11 +54,17 @@ class FakeSegmenter:
     def vocabulary(self) -> Vocabulary | None:
         return None if self._state is None else self._state[0]
 
-    def check_vocabulary(self, names: list[str]) -> None:
-        Vocabulary.from_strings(names)  # any valid vocabulary encodes
+    def check_vocabulary(self, names: list[str] | Vocabulary) -> None:
+        if not isinstance(names, Vocabulary):
+            Vocabulary.from_strings(names)  # any valid vocabulary encodes
 
     def encode_vocabulary(self, names: list[str]) -> tuple[Vocabulary, np.ndarray]:
-        vocab = Vocabulary.from_strings(names, version=next(self._versions))
+        version = next(self._versions)
+        vocab = (
+            Vocabulary(names.entries, version=version)
+            if isinstance(names, Vocabulary)
+            else Vocabulary.from_strings(names, version=version)
+        )
         time.sleep(self.encode_delay_s)
         with self._lock:
             self.encoded[vocab.version] = vocab.to_strings()

@@ -522,3 +522,59 @@ def test_label_bag_needs_no_ros_runtime(tmp_path: Path, drive_bag, checkpoint: P
         "/clip3d/labels_meta": 1,
         "/clip3d/vocabulary": 1,
     }
+
+
+def _cloud_bag(path: Path, clouds: int = 2, storage: str = "sqlite3") -> None:
+    rng = np.random.default_rng(len(path.name))
+    with bag.BagWriter(path, storage) as w:
+        w.add_topic("/lidar/points", bag.T_CLOUD)
+        for k in range(clouds):
+            pts = np.zeros(50, np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4")]))
+            for c in "xyz":
+                pts[c] = rng.normal(0, 10, 50)
+            ns = 1_000_000_000 * (k + 1)
+            w.write("/lidar/points", ns, bag.cloud_msg(pts, bag.header(ns, "lidar")))
+
+
+def _fake_labeller():
+    from clip3d_ros.testing import FakeSegmenter
+    from clip3d_ros.tools.label_bag import BagLabeller, LabelOptions
+
+    seg = FakeSegmenter()
+    seg.swap_vocabulary(*seg.encode_vocabulary(["a", "b"]))
+    return BagLabeller(seg, LabelOptions(progress=False))
+
+
+def test_label_bags_shards_a_fleet_writes_mcap_and_resumes(tmp_path: Path) -> None:
+    from clip3d_ros.tools.label_bag import Shard, label_bags
+
+    fleet = tmp_path / "fleet"
+    for name in ("d", "a", "c", "b"):
+        _cloud_bag(fleet / name)
+    extra = tmp_path / "e"
+    _cloud_bag(extra, clouds=3)
+    out = tmp_path / "out"
+    # two processes (torchrun ranks) share the sorted list a, b, c, d, e: each bag exactly once
+    runs = [label_bags(_fake_labeller(), [fleet, extra], out, Shard(r, 2)) for r in (0, 1)]
+    assert [sorted(r) for r in runs] == [["a", "c", "e"], ["b", "d"]]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c", "d", "e"]
+    assert all(bag.storage_of(out / n) == "mcap" for n in "abcde")  # the rosbag2 default since Iron
+    assert runs[0]["e"].labelled == 3
+    # a run killed while writing c: finished bags are skipped, c is redone from scratch
+    (out / "c").rename(out / "c.partial")
+    (out / "c.partial" / "junk").write_text("half-written")
+    again = label_bags(_fake_labeller(), [fleet, extra], out, Shard(0, 1))
+    assert {k for k, v in again.items() if v is not None} == {"c"} and again["c"].labelled == 2
+    assert not (out / "c.partial").exists() and bag.storage_of(out / "c") == "mcap"
+
+
+def test_label_bag_shard_from_torchrun_environment(monkeypatch) -> None:
+    from clip3d_ros.tools.label_bag import Shard
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert Shard.from_env() == Shard(3, 4)
+    assert Shard.from_env("1/2") == Shard(1, 2)
+    assert Shard(1, 2).mine([Path(str(i)) for i in range(5)]) == [Path("1"), Path("3")]
+    with pytest.raises(ValueError):
+        Shard.from_env("2/2")

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from clip3d_core.clip import (
     DEFAULT_TEMPLATES,
-    UNLABELLED,
     ClipConfig,
     ClipIdentity,
     ClipLoadError,
@@ -29,7 +28,8 @@ from clip3d_core.clip import (
 )
 from clip3d_core.clip.bank import COCO_CLASSES
 from clip3d_core.clip.dense import PatchGrid, resize_pos_embed
-from clip3d_core.clip.vocabulary import DRIVING_PALETTE, MAX_ENTRIES, name_colour
+from clip3d_core.clip.vocabulary import name_colour
+from clip3d_core.labels import DRIVING_PALETTE, MAX_CLASSES, UNLABELLED
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_vocabulary_parsing_and_colours():
         (["car||auto"], "empty synonym"),
         (["car|"], "empty synonym"),
         (["Car", "car|auto"], "duplicate"),
-        ([f"c{i}" for i in range(MAX_ENTRIES + 1)], "at most"),
+        ([f"c{i}" for i in range(MAX_CLASSES + 1)], "at most"),
         (["car", 3], "must be a string"),
         ("car", "one string"),
     ],
@@ -272,7 +272,7 @@ def test_vocabulary_parsing_and_colours():
 def test_vocabulary_validation(strings, match):
     with pytest.raises(VocabularyError, match=match):
         Vocabulary.from_strings(strings)
-    assert len(Vocabulary.from_strings([f"c{i}" for i in range(MAX_ENTRIES)])) == MAX_ENTRIES
+    assert len(Vocabulary.from_strings([f"c{i}" for i in range(MAX_CLASSES)])) == MAX_CLASSES
 
 
 # --- text embeddings and cache ------------------------------------------------------------------

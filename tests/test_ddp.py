@@ -51,7 +51,7 @@ def run_two_ranks(tmp_path: Path, backend: str, extra_overrides: tuple[str, ...]
     overrides = [
         "trainer.iterations=4", "self_training.iterations=2", "self_training.calibration_frames=2",
         "trainer.checkpoint_every=2", "trainer.log_every=2", "trainer.precise_bn_batches=1",
-        "data.val_frames=2", *extra_overrides,
+        "data.options.val_frames=2", *extra_overrides,
     ]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}

@@ -116,3 +116,25 @@ def test_tiny_demo_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((out / "summary.json").read_text())
     assert saved["frames_out"] == summary["frames_out"]
     assert "Latency" in (out / "summary.md").read_text()
+
+
+def test_the_demo_finds_its_files_in_an_installed_package(tmp_path, monkeypatch) -> None:
+    """Outside a source tree (installed wheel / colcon install) training/ and config/ come from
+    share/clip3d_ros, where setup.py's data files put them."""
+    import sys
+
+    from clip3d_ros.demo import config
+
+    repo = Path(__file__).resolve().parents[1]
+    assert config.shipped_file("training/synthetic_tiny.yaml") == repo / "training/synthetic_tiny.yaml"
+    share = tmp_path / "prefix" / "share" / "clip3d_ros"
+    (share / "training").mkdir(parents=True)
+    (share / "training" / "synthetic_tiny.yaml").write_text("name: x\n")
+    monkeypatch.setattr(config, "SOURCE_TREE", tmp_path / "no_source_tree")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    assert config.shipped_file("training/synthetic_tiny.yaml") == share / "training/synthetic_tiny.yaml"
+    assert config.DemoConfig(out=tmp_path).train_config == share / "training/synthetic_tiny.yaml"
+    with pytest.raises(FileNotFoundError, match=r"fastdds_loopback\.xml"):
+        config.shipped_file("config/fastdds_loopback.xml")
+    assert "training/synthetic_tiny.yaml" in (repo / "setup.py").read_text()

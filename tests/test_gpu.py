@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,8 @@ def points() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> Clip3DNet:
-    """The LiDAR-only small preset (512-d), built on CPU with whatever backend runs there."""
+    """The LiDAR-only small preset (512-d) built on CPU (the automatic backend: construction only;
+    every test moves its weights onto the backend it runs)."""
     return random_model(ModelConfig.small())
 
 
@@ -101,7 +103,7 @@ def agreement(a: SegmentationResult, b: SegmentationResult) -> float:
 def test_cuda_matches_cpu(model: Clip3DNet, points: np.ndarray) -> None:
     if sparse_backend.available()["spconv"] is not None:
         pytest.skip("no CPU sparse backend installed (spconv) for the reference")
-    ref = segment(copy.deepcopy(model), torch.device("cpu"), points)
+    ref = segment(on_backend(model, "spconv"), torch.device("cpu"), points)
     for backend in cuda_backends():
         out = segment(on_backend(model, backend), CUDA, points)
         err = np.abs(out.features - ref.features).max()
@@ -134,18 +136,25 @@ def test_half_precision_labels_equal_fp32_labels(
 
 
 @with_backends
-def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
+def test_frames_from_two_threads_share_the_buffers_safely(
     model: Clip3DNet, points: np.ndarray, backend: str
 ) -> None:
-    seg = segmenter(on_backend(model, backend), CUDA, RuntimeOptions(tf32=True, compile=True))
-    first = seg.segment(points)
-    allocated = seg.runtime.buffers.allocations
-    assert allocated > 0 and all(b.is_pinned() for b in seg.runtime.buffers._buffers.values())
-    for n in (len(points), len(points) // 2):  # same size and smaller frames: no new host buffers
-        seg.segment(points[:n])
-        assert seg.runtime.buffers.allocations == allocated
-    ref = segment(on_backend(model, backend), CUDA, points)
-    assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads
+    seg = segmenter(on_backend(model, backend), CUDA)
+    halves = (points[: len(points) // 2], points[len(points) // 2 :])
+    serial = [seg.segment(h) for h in halves]
+    results: dict[int, list[SegmentationResult]] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        results[i] += [seg.segment(halves[i]) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        for out in results[i]:
+            assert agreement(out, serial[i]) >= 0.999
 
 
 @with_backends
@@ -164,15 +173,35 @@ def test_image_stream_changes_nothing_but_timing(backend: str, points: np.ndarra
     np.testing.assert_allclose(outs[0].features, outs[1].features, atol=1e-5)
 
 
+def test_timers_wait_for_the_segmenters_device() -> None:
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not current when > 1
+    a = torch.randn(4096, 4096, device=dev)
+    for sync in (False, True):
+        timer = StageTimer(dev, sync=sync)
+        for _ in range(20):
+            b = a @ a
+        timer.lap("matmul")
+        times = timer.total()
+        assert torch.cuda.current_stream(dev).query()  # all of the device's work was waited for
+        assert times["total"] >= times["matmul"] > 0.1, times  # 20 x 137 GFLOP: not a launch time
+    del b
+
+
+@pytest.fixture(scope="module")
+def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic frames ray-cast once for both training runs."""
+    return tmp_path_factory.mktemp("frames")
+
+
 @pytest.mark.parametrize("amp", ["bf16", "off"])
-def test_a_training_step_runs_on_cuda(tmp_path: Path, amp: str) -> None:
+def test_a_training_step_runs_on_cuda(tmp_path: Path, frame_cache: Path, amp: str) -> None:
     from clip3d_core.training import Trainer, load_train_config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_train_config(str(repo / "training" / "synthetic_tiny.yaml"), [
         "trainer.device=cuda", f"trainer.amp={amp}", "trainer.iterations=3", "self_training.enabled=false",
-        "trainer.checkpoint_every=3", "trainer.precise_bn_batches=1", "data.train_frames=4",
-        "data.val_frames=2", f"data.cache_dir={tmp_path / 'frames'}",
+        "trainer.checkpoint_every=3", "trainer.precise_bn_batches=1", "data.options.train_frames=4",
+        "data.options.val_frames=2", f"data.options.cache_dir={frame_cache}",
     ])
     trainer = Trainer(cfg, out_dir=tmp_path / "run")
     init = {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}
@@ -194,15 +223,16 @@ def test_two_rank_ddp_step_with_nccl(tmp_path: Path) -> None:
     run_two_ranks(tmp_path, "nccl", ("trainer.device=cuda",))
 
 
-def test_timers_wait_for_the_segmenters_device() -> None:
-    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not current when > 1
-    a = torch.randn(4096, 4096, device=dev)
-    for sync in (False, True):
-        timer = StageTimer(dev, sync=sync)
-        for _ in range(20):
-            b = a @ a
-        timer.lap("matmul")
-        times = timer.total()
-        assert torch.cuda.current_stream(dev).query()  # all of the device's work was waited for
-        assert times["total"] >= times["matmul"] > 0.1, times  # 20 x 137 GFLOP: not a launch time
-    del b
+@with_backends
+def test_pinned_buffers_are_reused_and_tf32_compile_keep_labels(
+    model: Clip3DNet, points: np.ndarray, backend: str
+) -> None:
+    seg = segmenter(on_backend(model, backend), CUDA, RuntimeOptions(tf32=True, compile=True))
+    first = seg.segment(points)
+    allocated = seg.runtime.buffers.allocations
+    assert allocated > 0 and all(b.is_pinned() for b in seg.runtime.buffers._buffers.values())
+    for n in (len(points), len(points) // 2, 0):  # same size, smaller, empty: no new host buffers
+        out = seg.segment(points[:n])
+        assert seg.runtime.buffers.allocations == allocated and len(out.labels) == n
+    ref = segment(on_backend(model, backend), CUDA, points)
+    assert agreement(first, ref) >= 0.995  # TF32 products and compiled heads

@@ -90,6 +90,7 @@ def test_cpu_dry_run_of_the_gpu_check(tmp_path: Path, shared_data: Path) -> None
     data = json.loads((out / "gpu_check.json").read_text())
     phases = {p["phase"]: p for p in data["phases"]}
     assert set(phases) == {"install", "pytest-gpu", "bench-lidar", "bench-fusion", "bench-compile"}
+    assert phases["install"]["note"] == "0 wheels"  # nothing carried, nothing installed
     assert phases["pytest-gpu"]["rc"] == 0 and data["tests"]["counts"]["failure"] == 0
     assert data["tests"]["counts"]["skipped"] == len(data["tests"]["cases"]) >= 8  # no CUDA here
     rows = {(r["tag"], r["backend"]): r for r in data["results"]}

@@ -13,12 +13,12 @@ from clip3d_core.losses import (
     class_frequency_weights,
     class_prototypes,
     cosine_cross_entropy,
-    cosine_logits,
     masked_cross_entropy,
     pool_by_index,
     semantic_alignment_loss,
     spatial_alignment_loss,
 )
+from clip3d_core.similarity import cosine_logits
 
 E = torch.eye(4, dtype=torch.float64)
 

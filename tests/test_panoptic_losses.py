@@ -3,6 +3,7 @@ classification over base classes, mask focal + dice, object- and voxel-level dis
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,20 +13,29 @@ import torch.nn.functional as F
 
 from clip3d_core.losses.panoptic import (
     Match,
-    PanopticLossConfig,
+    MatchingCost,
+    PanopticLossState,
     VoxelTargets,
     base_class_index,
+    class_term,
     classification_loss,
     dice_loss,
+    dice_term,
     hungarian_match,
-    mask_losses,
+    mask_dice_loss,
+    mask_focal_loss,
+    mask_term,
     object_distillation_loss,
-    panoptic_losses,
+    object_term,
     voxel_distillation_loss,
     voxel_targets,
+    voxel_term,
 )
+from clip3d_core.losses.registry import LossInputs, build_loss_terms, combine_losses
+from clip3d_core.losses.terms.panoptic import default_panoptic_loss
 
-CFG = PanopticLossConfig()
+COST = MatchingCost()
+MASK_ALPHA, GAMMA = -1.0, 2.0  # the mask term's defaults
 
 
 def test_voxel_targets_majority_and_unlabelled() -> None:
@@ -59,7 +69,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
     masks = seg_of_voxel.unsqueeze(0) == torch.arange(4).unsqueeze(1)
     targets = VoxelTargets(masks, classes, seg_of_voxel >= 0)
     stuff = torch.tensor([5, 6])
-    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, CFG)
+    m = hungarian_match(class_logits, mask_logits, targets, base_index, stuff, COST)
     pairs = dict(zip(m.query.tolist(), m.segment.tolist()))
     assert pairs[5] == 3 and 4 not in pairs  # stuff query of class 6 takes its segment; class 5 absent
 
@@ -70,7 +80,8 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
         bce = F.binary_cross_entropy_with_logits(logits, tgt)
         dice = dice_loss(logits.sigmoid()[None], tgt[None])[0]
         cls = class_logits[qi, base_index[classes[si]]].sigmoid()
-        return float(CFG.cost_class * -cls + CFG.cost_mask * bce + CFG.cost_dice * dice)
+        c = COST
+        return float(c.cost_class * -cls + c.cost_mask * bce + c.cost_dice * dice)
 
     things = [0, 1, 2]
     best = min(sum(cost(qi, si) for qi, si in zip(perm, things))
@@ -83,7 +94,7 @@ def test_hungarian_match_is_optimal_and_stuff_is_fixed() -> None:
 def focal(logit: float, target: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
     p = 1 / (1 + math.exp(-logit))
     pt = p if target else 1 - p
-    a = alpha if target else 1 - alpha
+    a = 1.0 if alpha < 0 else alpha if target else 1 - alpha  # alpha < 0: no class balancing
     return -a * (1 - pt) ** gamma * math.log(pt)
 
 
@@ -92,7 +103,8 @@ def test_classification_focal_over_base_classes() -> None:
     base_index = base_class_index(4, (0, 3))  # dataset classes 0 and 3 are base (1, 2 novel)
     everywhere = torch.ones(5, dtype=torch.bool)
     targets = VoxelTargets(everywhere[None], torch.tensor([3]), everywhere)
-    loss = classification_loss(logits, Match(torch.tensor([2]), torch.tensor([0])), targets, base_index, CFG)
+    loss = classification_loss(logits, Match(torch.tensor([2]), torch.tensor([0])), targets, base_index,
+                               alpha=0.25, gamma=2.0)
     # query 2 -> class 3 = base column 1; queries 0, 1 all negatives; normalised by 1 match
     expected = (focal(2.0, 0) + focal(-1.0, 0) + focal(0.5, 0) + focal(-3.0, 0) + focal(-2.0, 0)
                 + focal(1.0, 1))
@@ -107,15 +119,20 @@ def test_mask_losses_ignore_unlabelled_voxels() -> None:
     targets = VoxelTargets(masks, torch.tensor([0]), labelled)
     match = Match(torch.tensor([1]), torch.tensor([0]))
     perfect = torch.tensor([[0.0] * 5, [20.0, 20.0, -20.0, 5.0, -7.0]])
-    focal_loss, dice = mask_losses(perfect, match, targets, CFG)
+    alpha, gamma = MASK_ALPHA, GAMMA
+
+    def mask_losses(logits: torch.Tensor, m: Match) -> tuple[torch.Tensor, torch.Tensor]:
+        focal_part = mask_focal_loss(logits, m, targets, alpha=alpha, gamma=gamma)
+        return focal_part, mask_dice_loss(logits, m, targets)
+
+    focal_loss, dice = mask_losses(perfect, match)
     assert focal_loss.item() < 1e-8 and dice.item() < 1e-6  # voxels 3, 4 (unlabelled) do not count
     wrong = perfect.clone()
     wrong[1, 2] = 20.0
-    focal_loss, dice = mask_losses(wrong, match, targets, CFG)
-    assert focal_loss.item() == pytest.approx(focal(20.0, 0) / 3, rel=1e-4)
+    focal_loss, dice = mask_losses(wrong, match)
+    assert focal_loss.item() == pytest.approx(focal(20.0, 0, alpha=MASK_ALPHA) / 3, rel=1e-4)
     assert dice.item() == pytest.approx(1 - 5 / 6, rel=1e-4)
-    none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
-                       targets, CFG)
+    none = mask_losses(perfect, Match(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
     assert none[0].item() == 0 and none[1].item() == 0
 
 
@@ -166,10 +183,31 @@ def test_panoptic_losses_batch() -> None:
     logits = torch.randn(2, 4, 3, generator=g, requires_grad=True)
     clip = [F.normalize(torch.randn(v, 5, generator=g), dim=1) for v in (3, 2)]
     seen = [torch.tensor([True, False, True]), torch.tensor([True, True])]
-    out = panoptic_losses(masks, embed, logits, targets, base_index, torch.tensor([2]), CFG, clip, seen)
-    assert set(out) == {"class", "mask", "dice", "object", "voxel", "total"}
-    assert out["total"].item() == pytest.approx(sum(out[k].item() for k in out if k != "total"), rel=1e-6)
-    out["total"].backward()
+    stuff = torch.tensor([2])
+    state = PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, COST,
+                                      clip, seen)
+    assert [m.query.tolist() for m in state.matches][1] == []  # nothing to match in the unlabelled sample
+    terms = build_loss_terms(default_panoptic_loss())
+    inputs = LossInputs(features=torch.zeros(5, 5), valid=torch.ones(5, dtype=torch.bool),
+                        labels=torch.zeros(5, dtype=torch.long), text=torch.eye(3, 5),
+                        logits=torch.zeros(5, 3),
+                        point_targets=object(), extras={"panoptic": state})
+    parts = combine_losses(terms, inputs)
+    expected = {"panoptic_class": class_term(state, alpha=0.25, gamma=2.0),
+                "panoptic_mask": mask_term(state, alpha=MASK_ALPHA, gamma=GAMMA),
+                "panoptic_dice": dice_term(state),
+                "object_distill": object_term(state), "voxel_distill": voxel_term(state)}
+    for name, value in expected.items():
+        assert parts.scalars[f"loss/{name}"] == pytest.approx(float(value.detach()), rel=1e-6), name
+    weights = {k: v.weight for k, v in default_panoptic_loss().items()}
+    weighted = sum(weights[k] * float(v.detach()) for k, v in expected.items())
+    assert parts.total.item() == pytest.approx(weighted, rel=1e-5)
+    parts.total.backward()
     assert masks[1].grad.abs().sum() > 0  # the unlabelled sample still learns through L_V
-    no_clip = panoptic_losses(masks, embed, logits, targets, base_index, torch.tensor([2]), CFG)
-    assert set(no_clip) == {"class", "mask", "dice", "total"}
+    # without teacher output the distillation terms are skipped; without panoptic state the terms refuse
+    no_teacher = combine_losses(terms, dataclasses.replace(inputs, point_targets=None))
+    assert "loss/voxel_distill" not in no_teacher.scalars and "loss/panoptic_dice" in no_teacher.scalars
+    with pytest.raises(ValueError, match="PanopticLossState"):
+        combine_losses(terms, dataclasses.replace(inputs, extras={}))
+    with pytest.raises(ValueError, match="CLIP voxel features"):
+        voxel_term(PanopticLossState.matched(masks, embed, logits, targets, base_index, stuff, COST))

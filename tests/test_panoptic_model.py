@@ -138,3 +138,55 @@ def test_merge_hand_case() -> None:
     assert out.semantic[3].item() == 0 and out.instance[3].item() == 0  # voxel 2 -> q0 (road), not q1
     with pytest.raises(ValueError, match="disagree"):
         panoptic_merge(mask, cls[:3], thing, p2v, min_points=1)
+
+
+def test_panoptic_checkpoint_round_trip(tmp_path) -> None:
+    from clip3d_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from clip3d_core.clip import ClipIdentity, tiny_clip_config
+    from clip3d_core.model.panoptic import PanopticInfo
+    from clip3d_core.segmenter import Segmenter
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    net = PanopticNet(cfg).eval()
+    info = PanopticInfo(cfg.head, ("car", "bus"), 15)
+    identity = ClipIdentity("clip3d-tiny", "random:0", D)
+    path = save_checkpoint(tmp_path / "pan.pt", net, cfg.model, tiny_clip_config(), identity,
+                           vocabulary=["road", "car", "bus"], panoptic=info)
+    ckpt = load_checkpoint(path, identity)
+    assert ckpt.panoptic == info
+    loaded = ckpt.build_model()
+    assert isinstance(loaded, PanopticNet)
+    pts = cloud(500, 3)
+    a, b = net(pts), loaded(pts)
+    torch.testing.assert_close(a.mask_logits[0], b.mask_logits[0])
+    torch.testing.assert_close(a.class_embed, b.class_embed)
+    with pytest.raises(CheckpointError, match="PanopticInfo"):
+        save_checkpoint(tmp_path / "x.pt", net, cfg.model, tiny_clip_config(), identity)
+    with pytest.raises(CheckpointError, match="predict_panoptic"):
+        Segmenter.from_checkpoint(path)
+    raw = torch.load(path, weights_only=True)
+    raw["panoptic"]["head"]["num_thing_queries"] = 7  # a head that does not fit the weights
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_predict_panoptic_on_bad_clouds() -> None:
+    """No point in range, or NaN intensities: every such point is unlabelled, nothing raises."""
+    from clip3d_core.predictor import predict_panoptic
+
+    torch.manual_seed(0)
+    net = PanopticNet(tiny_config()).eval()
+    text, thing = F.normalize(torch.randn(3, D), dim=1), torch.tensor([False, True, False])
+    far = cloud(200, 0)
+    far[:, :3] += 1000.0
+    with torch.no_grad():
+        (empty,) = predict_panoptic(net, far, text, thing, min_points=1)
+        assert (empty.labels == -1).all() and (empty.extras["instances"] == 0).all() and not empty.valid.any()
+        pts = cloud(400, 1)
+        pts[::2, 3] = float("nan")
+        both = predict_panoptic(net, torch.cat([pts, far]), text, thing, min_points=1,
+                                batch_index=torch.cat([torch.zeros(400), torch.ones(200)]).long())
+    assert (both[0].labels[::2] == -1).all() and (both[0].labels[1::2] >= 0).any()
+    assert (both[1].labels == -1).all() and torch.isfinite(both[0].features).all()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from clip3d_core.config import ConfigError
+from clip3d_core.data.panoptic import load_panoptic_split
 from clip3d_core.evaluation import EvaluationError
+from clip3d_core.metrics import GroundTruth, MetricConfig, MetricContext, build_metrics, merged_results
 from clip3d_core.panoptic_quality import PanopticQuality, panoptic_counts
+from clip3d_core.predictor import Prediction
 
 
 def devkit_panoptic_eval() -> type:
@@ -125,3 +131,39 @@ def test_devkit_agrees_on_hand_made_edge_cases() -> None:
     np.testing.assert_allclose(r.pq, pq_all[1:], atol=1e-15)
     assert (r.summary["pq"], r.summary["sq"], r.summary["rq"]) == pytest.approx((pq, sq, rq))
     assert r.pq[2] == 0.0 and r.iou[2] is None  # class c: never present, never predicted
+
+
+def test_registered_panoptic_metric() -> None:
+    """`evaluation.metrics: {panoptic: {options: {dataset: synthetic}}}` beside the semantic metric."""
+    split = load_panoptic_split("synthetic_b13n4")
+    context = MetricContext(split.classes, split.novel_ids)
+    entries = {"semantic": MetricConfig(), "panoptic": MetricConfig(options={"dataset": "synthetic"})}
+    metrics = build_metrics(entries, context)
+    reference = PanopticQuality(split.classes, split.spec.thing_mask(), min_points=15,
+                                novel=split.novel_mask())
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        pred_sem, pred_inst, gt_sem, gt_inst = random_frame(rng, split.num_classes, 2000)
+        n = len(pred_sem)
+        prediction = Prediction(features=torch.zeros(n, 1), logits=None, labels=torch.from_numpy(pred_sem),
+                                scores=torch.ones(n), valid=torch.ones(n, dtype=torch.bool),
+                                extras={"instances": torch.from_numpy(pred_inst)})
+        truth = GroundTruth(torch.from_numpy(gt_sem), torch.from_numpy(gt_inst))
+        for m in metrics.values():
+            m.update(prediction, truth)
+        reference.update(pred_sem, pred_inst, gt_sem, gt_inst)
+    results = merged_results(metrics)  # no key clash with the semantic metric's mIoU
+    expected = reference.report().summary
+    for key in ("pq", "sq", "rq", "pq_novel_things", "pq_novel_stuff", "pq_base_things"):
+        assert results[key] == pytest.approx(expected[key]), key
+    assert "miou" in results and "miou_novel" not in results
+    for t in metrics["panoptic"].state():  # what DDP sums in place: two equal ranks
+        t.add_(t.clone())
+    assert metrics["panoptic"].compute()["pq"] == pytest.approx(expected["pq"])  # ratios unchanged
+    assert int(metrics["panoptic"].quality.counts.tp.sum()) == 2 * int(reference.counts.tp.sum())
+    with pytest.raises(ConfigError, match=r"options\.dataset or options\.things"):
+        build_metrics({"panoptic": MetricConfig()}, context)
+    custom = build_metrics({"panoptic": MetricConfig(options={"things": ["car"], "min_points": 5})}, context)
+    assert custom["panoptic"].quality.thing.sum() == 1 and custom["panoptic"].quality.min_points == 5
+    with pytest.raises(ValueError, match="no instance ids"):
+        custom["panoptic"].update(dataclasses.replace(prediction, extras={}), truth)

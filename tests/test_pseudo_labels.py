@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clip3d_core.config import from_dict, to_dict
+from clip3d_core.config import ConfigError, from_dict, to_dict
 from clip3d_core.pseudo_labels import (
     PseudoLabelConfig,
     PseudoLabelError,
@@ -73,8 +73,11 @@ def test_per_class_thresholds_by_hand():
 
 
 def test_config_from_dict():
-    cfg = from_dict(PseudoLabelConfig, {"temperature": 0.02, "top_fraction": 0.5, "restrict_to": [3, 4]})
-    assert cfg.restrict_to == (3, 4) and cfg.validate().top_fraction == 0.5
+    cfg = from_dict(PseudoLabelConfig, {"temperature": 0.02, "top_fraction": 0.5})
+    assert cfg.temperature == 0.02 and cfg.validate().top_fraction == 0.5
+    # The class restriction comes from the split (an argument), never from the user's config.
+    with pytest.raises(ConfigError, match="restrict_to"):
+        from_dict(PseudoLabelConfig, {"restrict_to": [3, 4]})
     assert from_dict(PseudoLabelConfig, to_dict(cfg)) == cfg
 
 
@@ -113,7 +116,7 @@ def test_point_pseudo_labels_visibility_restriction_and_confidence():
     out = point_pseudo_labels(feats, visible, TEXT)
     assert out.labels.tolist() == [0, 1, 2, -1] and out.confidence[3] == 0.0
     assert bool((out.confidence[:3] > 0.99).all())
-    unseen_only = point_pseudo_labels(feats, visible, TEXT, PseudoLabelConfig(restrict_to=(1, 2)))
+    unseen_only = point_pseudo_labels(feats, visible, TEXT, restrict_to=(1, 2))
     assert unseen_only.labels.tolist() == [-1, 1, 2, -1] and unseen_only.confidence[0] == 0.0
     strict = point_pseudo_labels(feats, torch.ones(4, dtype=torch.bool), TEXT,
                                  PseudoLabelConfig(temperature=1.0, min_confidence=0.56))

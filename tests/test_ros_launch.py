@@ -220,7 +220,7 @@ def test_fastdds_profile_is_loopback_shm_default() -> None:
 
 
 @pytest.mark.ros
-def test_parameter_file_matches_the_declarations() -> None:
+def test_parameter_file_matches_the_declarations(tmp_path: Path) -> None:
     """rcl parses config/clip3d.yaml for a node named clip3d and every value has the declared type."""
     rclpy = pytest.importorskip("rclpy", reason="ROS 2 Python wheels (rclpy) not installed")
     from rclpy.context import Context
@@ -242,12 +242,38 @@ def test_parameter_file_matches_the_declarations() -> None:
         assert (p.sync_slop, p.sync_queue_size, p.camera_timeout) == (0.05, 10, 0.15)
         assert p.qos_cloud.reliability == "best_effort" and p.qos_output.reliability == "reliable"
         assert [c.name for c in p.cameras] == ["front"]
-        T = p.cameras[0].T_cam_lidar
+        T = p.cameras[0].T
         assert T.shape == (4, 4) and np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3))
         assert T[:3, :3] @ np.array([1.0, 0, 0]) @ np.array([0, 0, 1.0]) == 1.0  # LiDAR forward = optical z
+        assert (p.precision, p.sparse_backend, p.tf32, p.compile) == ("fp32", "", False, False)
         node.destroy_node()
     finally:
         rclpy.shutdown(context=ctx)
+    _check_runtime_parameters(p, tmp_path)
+
+
+def _check_runtime_parameters(p, tmp_path: Path) -> None:
+    """The runtime.* parameters reach the segmenter; impossible ones stop the start with their reason."""
+    import dataclasses
+
+    import torch
+
+    from clip3d_core.checkpoint import build_untrained_checkpoint
+    from clip3d_core.clip import tiny_clip_config
+    from clip3d_core.model import ModelConfig
+    from clip3d_ros.node import Clip3DNode
+    from clip3d_ros.params import ParameterError
+
+    ckpt = build_untrained_checkpoint(tmp_path / "m.pt", ModelConfig.small(embed_dim=32), tiny_clip_config(),
+                                      vocabulary=["car", "road"])
+    seg = Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), precision="fp16"))
+    assert seg.model.dtype == torch.float16 and seg.runtime.options.precision == "fp16"
+    for bad, match in ((dict(precision="int8"), "precision"), (dict(sparse_backend="minkowski"), "backend"),
+                       (dict(precision="bf16"), "bf16 needs a CUDA device")):
+        if bad.get("precision") == "bf16" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ParameterError, match=match):
+            Clip3DNode._load_segmenter(dataclasses.replace(p, checkpoint=str(ckpt), **bad))
 
 
 def _load_launch_module():
@@ -286,59 +312,37 @@ def test_launch_without_ament_prefix_path_uses_the_source_tree_or_says_why(monke
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _launch_available(), reason="launch / launch_ros not installed (ROS apt packages only)"
-)
-def test_launch_runs_the_node_from_the_source_tree_and_stops_it_cleanly(monkeypatch, tmp_path) -> None:
-    """The launch file in a LaunchService without AMENT_PREFIX_PATH: the node starts (tiny
-    untrained checkpoint), and a launch shutdown (SIGINT) ends it with exit code 0 quickly."""
-    import time
-
-    from launch.actions import EmitEvent, RegisterEventHandler, TimerAction
-    from launch.event_handlers import OnProcessExit, OnProcessIO
-    from launch.events import Shutdown
+def test_launch_testing_runs_the_node_from_a_source_tree_and_stops_it(monkeypatch, tmp_path) -> None:
+    """launch_testing (tests/launch_tests/clip3d_launch.py) on the launch file, AMENT_PREFIX_PATH
+    unset: the node starts labelling and exits 0 when launch shuts it down (SIGINT)."""
+    pytest.importorskip("launch_testing", reason="launch_testing not installed (ROS apt packages only)")
+    if not _launch_available():
+        pytest.skip("launch / launch_ros not installed (ROS apt packages only)")
+    from launch_testing.loader import LoadTestsFromPythonModule
+    from launch_testing.test_runner import LaunchTestRunner
 
     from clip3d_core.checkpoint import build_untrained_checkpoint
     from clip3d_core.clip import tiny_clip_config
     from clip3d_core.model import ModelConfig
-    from launch import LaunchDescription, LaunchService
 
     ckpt = build_untrained_checkpoint(
         tmp_path / "tiny.pt", ModelConfig.small(embed_dim=32), tiny_clip_config()
     )
     monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    output: list[str] = []
-    times: dict[str, float] = {}
-    exits: list[int] = []
-
-    def on_io(event):
-        output.append(event.text.decode(errors="replace"))
-        if "labelling" in output[-1] and "shutdown" not in times:
-            times["shutdown"] = time.monotonic()
-            return [EmitEvent(event=Shutdown(reason="test"))]  # what Ctrl-C on ros2 launch does
-        return None
-
-    def on_exit(event, context):
-        times["exit"] = time.monotonic()
-        exits.append(event.returncode)
-
-    service = LaunchService()
-    service.include_launch_description(
-        LaunchDescription(
-            [
-                RegisterEventHandler(OnProcessIO(on_stdout=on_io, on_stderr=on_io)),
-                RegisterEventHandler(OnProcessExit(on_exit=on_exit)),
-                TimerAction(period=180.0, actions=[EmitEvent(event=Shutdown(reason="timeout"))]),
-                *_load_launch_module().generate_launch_description().entities,
-            ]
-        )
+    monkeypatch.setenv("CLIP3D_LAUNCH_TEST_CHECKPOINT", str(ckpt))
+    spec = importlib.util.spec_from_file_location(
+        "clip3d_launch_test", REPO / "tests" / "launch_tests" / "clip3d_launch.py"
     )
-    service.context.launch_configurations["checkpoint"] = str(ckpt)
-    assert service.run() == 0
-    assert "shutdown" in times, "".join(output)[-3000:]
-    assert exits == [0], "".join(output)[-3000:]
-    assert times["exit"] - times["shutdown"] < 5.0  # launch escalates to SIGTERM after 5 s
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runner = LaunchTestRunner(LoadTestsFromPythonModule(module))
+    runner.validate()
+    results = runner.run()
+    assert results, "no launch test ran"
+    for run, result in results.items():
+        assert result.wasSuccessful(), f"{run}: {result.errors or result.failures}"
+        assert result.testsRun >= 2
 
 
 def test_rviz_config_shows_the_labelled_cloud_by_rgb() -> None:
@@ -349,3 +353,48 @@ def test_rviz_config_shows_the_labelled_cloud_by_rgb() -> None:
     assert cloud["Color Transformer"] == "RGB8" and cloud["Topic"]["Value"] == "/clip3d/labelled_points"
     assert "config/*.rviz" in (REPO / "setup.py").read_text()  # installed into share/clip3d_ros/config
     assert "clip3d.rviz" in LAUNCH.read_text()
+
+
+def _yaml_parameters() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "clip3d.yaml").read_text())["/**/clip3d"]["ros__parameters"]
+
+
+def test_parameter_file_validates_against_the_generated_schema() -> None:
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed (the test extra)")
+    from clip3d_ros.params import main, parameter_schema
+
+    schema = json.loads((REPO / "config" / "clip3d.schema.json").read_text())
+    assert schema == parameter_schema() and main([]) == 0  # committed schema and docs table are current
+    import yaml
+
+    document = yaml.safe_load((REPO / "config" / "clip3d.yaml").read_text())
+    jsonschema.validate(document, schema)
+    document["/**/clip3d"]["ros__parameters"]["queue"]["depth"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="minimum"):
+        jsonschema.validate(document, schema)
+    document["/**/clip3d"]["ros__parameters"]["queue"] = {"depth": 2, "size": 3}  # a typo'd name
+    with pytest.raises(jsonschema.ValidationError, match="size"):
+        jsonschema.validate(document, schema)
+
+
+def test_parameter_file_defaults_are_the_declared_ones() -> None:
+    """Defaults are written once (the dataclass fields): the YAML repeats them and must agree, except
+    the example camera it configures."""
+    import dataclasses
+
+    from clip3d_ros.params import NodeParams
+
+    values = _yaml_parameters()
+    for f in dataclasses.fields(NodeParams):
+        spec = f.metadata.get("ros")
+        if spec is None or spec.name.startswith("cameras."):
+            continue
+        node = values
+        for part in spec.name.split("."):
+            node = node[part]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert node == default, spec.name

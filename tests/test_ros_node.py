@@ -97,7 +97,6 @@ class Harness:
     ) -> None:
         self.ns = f"/t{os.getpid()}_{next(_ns_counter)}"
         base = {
-            "cloud_topic": "points",
             "qos.cloud.reliability": "reliable",
             "qos.image.reliability": "reliable",
         }
@@ -114,7 +113,7 @@ class Harness:
         rel = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         if subscribe:
             self.peer.create_subscription(
-                PointCloud2, f"{self.ns}/clip3d/labelled_points", self._add(self.outputs), rel
+                PointCloud2, f"{self.ns}/clip3d/output/pointcloud", self._add(self.outputs), rel
             )
         self.peer.create_subscription(
             String, f"{self.ns}/clip3d/labels_meta", self._add(self.metas, parse_labels_meta), rel
@@ -125,7 +124,7 @@ class Harness:
             String, f"{self.ns}/clip3d/vocabulary", self._add(self.maps, parse_vocabulary_map), map_qos
         )
         self.peer.create_subscription(DiagnosticArray, "/diagnostics", self._add(self.diagnostics), 10)
-        self.cloud_pub = self.peer.create_publisher(PointCloud2, f"{self.ns}/points", rel)
+        self.cloud_pub = self.peer.create_publisher(PointCloud2, f"{self.ns}/clip3d/input/pointcloud", rel)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.peer)
@@ -497,7 +496,7 @@ def test_parameter_changes_are_validated_with_reasons(harness) -> None:
         assert not result.successful and reason in result.reason, (value[:3], result.reason)
     assert not set_("vocabulary", "car").successful  # wrong type
     assert not set_("score_threshold", 1.5).successful  # range
-    assert not set_("cloud_topic", "/other").successful  # read-only
+    assert not set_("device", "cuda:0").successful  # read-only
     assert h.node.get_parameter("vocabulary").value == ["a", "b"]
     assert set_("score_threshold", 0.6).successful and set_("sync.slop", 0.08).successful
     assert h.node._sync.slop == 0.08
@@ -521,8 +520,8 @@ class BankSegmenter(FakeSegmenter):
 
     BANK = frozenset({"car", "road", "tree"})
 
-    def check_vocabulary(self, names: list[str]) -> None:
-        missing = {s for n in names for s in n.split("|")} - self.BANK
+    def check_vocabulary(self, names: Vocabulary) -> None:
+        missing = {s for e in names.entries for s in (e.name, *e.synonyms)} - self.BANK
         if missing:
             raise VocabularyError(f"not in the embedding bank: {sorted(missing)}")
 
@@ -859,7 +858,7 @@ def test_sigint_stops_the_node_fast_and_a_second_one_is_harmless(context) -> Non
         "from clip3d_ros.node import run; from clip3d_ros.testing import FakeSegmenter; "
         "run(segmenter=FakeSegmenter(segment_delay_s=3.0))"
     )
-    cmd = [sys.executable, "-c", code, "--ros-args", "-r", f"__ns:={ns}", "-p", "cloud_topic:=points",
+    cmd = [sys.executable, "-c", code, "--ros-args", "-r", f"__ns:={ns}", "-r", "~/input/pointcloud:=points",
            "-p", "skip_without_subscribers:=false", "-p", "qos.cloud.reliability:=reliable"]  # fmt: skip
     env = os.environ | {"ROS_DOMAIN_ID": str(ros_domain_id(1)), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -997,3 +996,19 @@ def test_without_published_tf_the_static_extrinsics_are_used_and_it_is_logged_on
     assert len(buffer.lookups) == 3
     tf_warnings = [w for w in warnings if "no TF" in w]
     assert len(tf_warnings) == 1 and "static extrinsics" in tf_warnings[0]
+
+
+def test_a_live_vocabulary_change_is_parsed_once_and_the_start_up_one_encoded_once(
+    harness, monkeypatch
+) -> None:
+    seg = FakeSegmenter()
+    seg.swap_vocabulary(*seg.encode_vocabulary(["car", "road"]))  # as Segmenter.from_checkpoint leaves it
+    h = harness(seg, vocabulary=["car", "road"])
+    assert sorted(seg.encoded) == [1]  # the node took the segmenter's encoding: no second one
+    parses = []
+    original = Vocabulary.from_strings.__func__
+    counted = classmethod(lambda cls, *a, **k: parses.append(a) or original(cls, *a, **k))
+    monkeypatch.setattr(Vocabulary, "from_strings", counted)
+    assert h.node.set_parameters([Parameter("vocabulary", value=["tree", "car"])])[0].successful
+    assert wait_for(lambda: h.maps and [e["name"] for e in h.maps[-1]["entries"]] == ["tree", "car"])
+    assert len(parses) == 1 and sorted(seg.encoded) == [1, 2]

@@ -90,7 +90,7 @@ class Peer:
         self.metas: list[dict] = []
         self.maps: list[dict] = []
         rel = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.node.create_subscription(PointCloud2, f"{ns}/clip3d/labelled_points", self.outputs.append, rel)
+        self.node.create_subscription(PointCloud2, f"{ns}/clip3d/output/pointcloud", self.outputs.append, rel)
         self.node.create_subscription(
             String, f"{ns}/clip3d/labels_meta", lambda m: self.metas.append(parse_labels_meta(m)), rel
         )
@@ -100,7 +100,7 @@ class Peer:
             lambda m: self.maps.append(parse_vocabulary_map(m)),
             vocabulary_qos(),
         )
-        self.pub = self.node.create_publisher(PointCloud2, f"{ns}/points", cloud_qos)
+        self.pub = self.node.create_publisher(PointCloud2, f"{ns}/clip3d/input/pointcloud", cloud_qos)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -119,7 +119,6 @@ def test_node_labels_exactly_like_the_segmenter(context, checkpoint) -> None:
         namespace=ns,
         parameter_overrides=[
             Parameter("checkpoint", value=str(checkpoint)),
-            Parameter("cloud_topic", value="points"),
             Parameter("qos.cloud.reliability", value="reliable"),
             Parameter("vocabulary", value=["car|automobile", "road", "building", "vegetation"]),
         ],
@@ -179,7 +178,6 @@ def _node_process(checkpoint: Path | str, ns: str, domain: int, *extra: str) -> 
         sys.executable, "-m", "clip3d_ros.node", "--ros-args",
         "-r", f"__ns:={ns}",
         "-p", f"checkpoint:={checkpoint}",
-        "-p", "cloud_topic:=points",
         "-p", "qos.cloud.reliability:=best_effort",
         "-p", "vocabulary:=[car, road, building]",
         *extra,
@@ -225,7 +223,7 @@ def test_node_subprocess_labels_a_best_effort_120k_cloud_intact(context, checkpo
             proc.kill()
             output, _ = proc.communicate()
     assert proc.returncode == 0, output[-3000:]
-    assert "labelling points" in output
+    assert "labelling /sub" in output and "/clip3d/input/pointcloud" in output
     assert "XMLPARSER" not in output and "Error" not in output, output[-3000:]  # the profile parsed cleanly
 
 

@@ -97,6 +97,38 @@ def test_backend_setting_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         RuntimeOptions(backend="spconv-cu126")
 
 
+def test_the_backend_for_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine with the CPU spconv and spconv-triton (make GPU=triton): CPU runs take spconv,
+    CUDA runs spconv-triton, whatever the model was built with; an explicit choice must fit."""
+    monkeypatch.delenv(sparse_backend.ENV_VAR, raising=False)
+    fake_status(monkeypatch, spconv_cuda=False, triton=True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sparse_backend.for_device(cpu, current="spconv_triton") == "spconv"
+    assert sparse_backend.for_device(cuda, current="spconv") == "spconv_triton"
+    assert sparse_backend.for_device(cuda) == "spconv_triton"
+    with pytest.raises(sparse_backend.SparseBackendError, match="GPUs only"):
+        sparse_backend.for_device(cpu, requested="spconv_triton")
+    monkeypatch.setenv(sparse_backend.ENV_VAR, "spconv")
+    with pytest.raises(sparse_backend.SparseBackendError, match="CPU build"):
+        sparse_backend.for_device(cuda, current="spconv_triton")
+    monkeypatch.delenv(sparse_backend.ENV_VAR)
+    fake_status(monkeypatch, spconv_cuda=False, triton=True, spconv=False)
+    with pytest.raises(sparse_backend.SparseBackendError, match="no installed sparse backend runs on cpu"):
+        sparse_backend.for_device(cpu)
+
+
+def test_a_broken_install_is_a_reason_not_a_crash(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. spconv-cu126 on a machine without its CUDA runtime: the backend is reported unusable."""
+    pkg = tmp_path / "clip3d_broken_backend"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    why = sparse_backend._import_error("clip3d_broken_backend")
+    assert why is not None and "does not import: OSError: libcudart.so.12" in why
+    assert sparse_backend._import_error("clip3d_no_such_backend") == "clip3d-no-such-backend is not installed"
+    assert sparse_backend.available()["spconv"] is None  # the real one here imports
+
+
 def test_on_this_cpu_machine_nothing_changes() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check")
@@ -138,7 +170,8 @@ def test_a_model_is_rebuilt_on_the_requested_backend_with_its_weights(
     backend that is spconv again under another name: the same weights give the same labels."""
     monkeypatch.setitem(sparse_backend._MODULES, "other", "spconv.pytorch")
     monkeypatch.setattr(sparse_backend, "BACKENDS", (*sparse_backend.BACKENDS, "other"))
-    monkeypatch.setattr(sparse_backend, "available", lambda: {"spconv": None, "other": None})
+    monkeypatch.setattr(sparse_backend, "available",
+                        lambda: {"spconv": None, "spconv_triton": "not installed", "other": None})
     monkeypatch.setattr(sparse_backend, "check_device", lambda *a: None)
     pts = cloud()
     ref = segmenter(model).segment(pts)
@@ -204,6 +237,25 @@ def test_uploads_on_cpu_are_zero_copy_and_downloads_plain() -> None:
     out = buffers.download({"a": torch.tensor([1, 2], dtype=torch.int32)})
     assert out["a"].tolist() == [1, 2]
     assert buffers.allocations == 0
+
+
+def test_uploads_to_a_device_go_through_the_reused_staging_buffers() -> None:
+    """The staging path (CUDA's) with the meta device standing in for a GPU: shapes, dtypes and
+    staged bytes are right, an empty cloud is fine, and steady frames allocate nothing."""
+    buffers = HostBuffers(torch.device("meta"), pin=True)
+    assert not buffers.pin  # page-locked memory only for CUDA
+    rng = np.random.default_rng(0)
+    for n in (1000, 700, 0, 1000):
+        pts = rng.normal(size=(n, 4)).astype(np.float32)
+        out = buffers.upload("points", pts[:, :4])
+        assert out.device.type == "meta" and out.shape == (n, 4) and out.dtype == torch.float32
+        staged = buffers._buffers["points"][: pts.nbytes].view(torch.float32).view(n, 4)
+        assert np.array_equal(staged.numpy(), pts)
+    images = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(3)]
+    out = buffers.upload("images", images)
+    assert out.shape == (3, 6, 8, 3) and out.dtype == torch.uint8
+    assert np.array_equal(buffers._buffers["images"][: 3 * 144].view(3, 6, 8, 3).numpy(), np.stack(images))
+    assert buffers.allocations == 2  # one per key
 
 
 class FakeEvent:

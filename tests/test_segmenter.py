@@ -24,7 +24,6 @@ from clip3d_core.checkpoint import (
     save_checkpoint,
 )
 from clip3d_core.clip import (
-    UNLABELLED,
     ClipIdentity,
     EmbeddingBank,
     TextEncoder,
@@ -34,6 +33,7 @@ from clip3d_core.clip import (
 )
 from clip3d_core.geometry import PinholeCamera, project_points
 from clip3d_core.io import read_cloud
+from clip3d_core.labels import UNLABELLED
 from clip3d_core.model import ModelConfig
 from clip3d_core.segmenter import SegmenterInputError
 

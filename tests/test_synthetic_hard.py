@@ -126,8 +126,8 @@ def test_clip_like_surfaces_err_in_blobs_and_clutter_looks_like_a_class() -> Non
 def hard(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """Six training frames of the hard world, its split, text bank and teacher."""
     frames_dir = tmp_path_factory.mktemp("frames")
-    cfg = load_train_config(HARD, [f"data.cache_dir={frames_dir}", "data.train_frames=6",
-                                   "data.val_frames=2"])
+    cfg = load_train_config(HARD, [f"data.options.cache_dir={frames_dir}", "data.options.train_frames=6",
+                                   "data.options.val_frames=2"])
     split = build_split(cfg.data)
     text, bank = build_text(cfg, load_clip(cfg.clip), build_vocabulary(cfg, split))
     train, _ = build_datasets(cfg.data, split)
@@ -158,8 +158,8 @@ def test_hard_world_shares_and_teacher_accuracy(hard) -> None:
 
 
 def test_easy_world_has_no_clutter(tmp_path: Path) -> None:
-    cfg = load_train_config(EASY, [f"data.cache_dir={tmp_path}"])
-    frame = SyntheticWorldDataset(dataclasses.replace(cfg.data.synthetic, cameras=()), 1)[0]
+    cfg = load_train_config(EASY, [f"data.options.cache_dir={tmp_path}"])
+    frame = SyntheticWorldDataset(dataclasses.replace(cfg.data.typed_options().world, cameras=()), 1)[0]
     assert (frame.labels >= 0).all()
 
 

@@ -29,7 +29,6 @@ from clip3d_core.data.synthetic.teacher import (
 from clip3d_core.geometry import PinholeCamera, project_points
 from clip3d_core.losses import semantic_alignment_loss, spatial_alignment_loss
 from clip3d_core.pseudo_labels import (
-    PseudoLabelConfig,
     label_quality,
     mask_classes,
     merge_labels,
@@ -267,8 +266,7 @@ def test_zero_shot_labels_and_losses_from_the_simulated_teacher(synthetic):
     targets = SimulatedTeacher()(frame, text).point_targets(cam, uv)
     gt_full = torch.from_numpy(frame.labels)
     gt = mask_classes(gt_full, unseen)
-    cfg = PseudoLabelConfig(restrict_to=tuple(unseen))
-    pseudo = point_pseudo_labels(targets.features, targets.visible, text, cfg)
+    pseudo = point_pseudo_labels(targets.features, targets.visible, text, restrict_to=unseen)
     merged = merge_labels(gt, pseudo.labels)
     seen_pts = gt >= 0
     assert torch.equal(merged[seen_pts], gt_full[seen_pts])

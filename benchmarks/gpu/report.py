@@ -105,9 +105,10 @@ def markdown(envs: list[dict[str, Any]], results: list[dict[str, Any]], report: 
         f"Device: {env.get('gpu') or env.get('device', '?')}; torch {env.get('torch')} (CUDA "
         f"{env.get('torch_cuda')}), triton {env.get('triton')}, spconv {env.get('spconv')}, "
         f"spconv-triton {env.get('spconv_triton')}; sparse backends: {env.get('sparse_backends')}.",
-        "Times are medians / p90 in ms of `Segmenter.segment` (random weights, CUDA events, one "
-        "synchronisation per frame); peak MB is torch.cuda.max_memory_allocated above what the "
-        "process held before the case (CPU: resident-set growth).",
+        "Times are medians / p90 in ms of `Segmenter.segment` (random weights; "
+        + ("CUDA events, one synchronisation per frame; peak MB is torch.cuda.max_memory_allocated above "
+           "what the process held before the case)." if str(env.get("device", "")).startswith("cuda")
+           else "host clock; peak MB is the resident-set growth: CPU figures, not GPU ones)."),
         "",
         markdown_table(results),
         "",

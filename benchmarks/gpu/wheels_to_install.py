@@ -29,4 +29,5 @@ def to_install(folder: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    print("\n".join(str(w) for w in to_install(Path(sys.argv[1]))))
+    for wheel in to_install(Path(sys.argv[1])):
+        print(wheel)

@@ -14,8 +14,6 @@ from clip3d_core.clip.loader import (
 )
 from clip3d_core.clip.text import DEFAULT_TEMPLATES, TextEncoder
 from clip3d_core.clip.vocabulary import (
-    UNLABELLED,
-    UNLABELLED_COLOUR,
     Vocabulary,
     VocabularyEntry,
     VocabularyError,
@@ -24,8 +22,6 @@ from clip3d_core.clip.vocabulary import (
 __all__ = [
     "DEFAULT_TEMPLATES",
     "TINY_MODEL",
-    "UNLABELLED",
-    "UNLABELLED_COLOUR",
     "ClipConfig",
     "ClipIdentity",
     "ClipLoadError",

@@ -12,8 +12,10 @@ to the input's patch grid, exactly as open_clip resizes it when loading weights 
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +25,19 @@ from torch import nn
 
 from clip3d_core.clip.loader import ClipLoadError, LoadedClip
 
-LAST_BLOCK_MODES = ("value", "maskclip")
+LastBlock = Literal["value", "maskclip"]
+LAST_BLOCK_MODES: tuple[str, ...] = typing.get_args(LastBlock)
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """How dense CLIP features are made: the last block's path ("value": residual-free, the
+    default; "maskclip": value path plus residual and MLP, as in MaskCLIP) and the short image side
+    fed to the encoder (None = the model's native size). A fusion model is trained on features made
+    one way and its checkpoint records it, so inference makes them the same way."""
+
+    last_block: LastBlock = "value"
+    short_side: int | None = None
 
 
 class ImageInputError(ValueError):

@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-UNLABELLED = 65535  # uint16 label of points no class was assigned to
-UNLABELLED_COLOUR = (128, 128, 128)  # their grey, in pictures and in the ROS `rgb` field alike
-MAX_ENTRIES = 1024
+from clip3d_core.labels import DRIVING_PALETTE, MAX_CLASSES
+
 SYNONYM_SEPARATOR = "|"
 
 
@@ -48,35 +47,6 @@ class VocabularyEntry:
         return SYNONYM_SEPARATOR.join(self.synonyms)
 
 
-# SemanticKITTI's colours (RGB), the ones driving engineers know from its tools and RViz configs,
-# with the darkest (sidewalk, motorcycle, truck, other-vehicle) lightened to read on black.
-# Keys are normalised names (`_palette_key`); a few common aliases share their class's colour.
-DRIVING_PALETTE: dict[str, tuple[int, int, int]] = {
-    "car": (100, 150, 245),
-    "bicycle": (100, 230, 245),
-    "motorcycle": (70, 110, 230),
-    "truck": (140, 80, 235),
-    "other vehicle": (90, 90, 255),
-    "person": (255, 30, 30),
-    "pedestrian": (255, 30, 30),
-    "bicyclist": (255, 40, 200),
-    "motorcyclist": (190, 50, 120),
-    "road": (255, 0, 255),
-    "parking": (255, 150, 255),
-    "sidewalk": (170, 60, 170),
-    "other ground": (175, 0, 75),
-    "building": (255, 200, 0),
-    "fence": (255, 120, 50),
-    "vegetation": (0, 175, 0),
-    "tree": (0, 175, 0),
-    "trunk": (135, 60, 0),
-    "terrain": (150, 240, 80),
-    "grass": (150, 240, 80),
-    "pole": (255, 240, 150),
-    "traffic sign": (255, 0, 0),
-}
-
-
 def _palette_key(name: str) -> str:
     return " ".join(name.casefold().replace("-", " ").replace("_", " ").split())
 
@@ -106,8 +76,8 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if not self.entries:
             raise VocabularyError("vocabulary is empty")
-        if len(self.entries) > MAX_ENTRIES:
-            raise VocabularyError(f"vocabulary has {len(self.entries)} entries; at most {MAX_ENTRIES}")
+        if len(self.entries) > MAX_CLASSES:
+            raise VocabularyError(f"vocabulary has {len(self.entries)} entries; at most {MAX_CLASSES}")
         by_key: dict[str, int] = {}
         for i, entry in enumerate(self.entries):
             key = entry.name.casefold()

@@ -130,12 +130,12 @@ def _segmenter(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
     import clip3d_core  # noqa: F401  (compat fixes before spconv)
     from clip3d_core.clip import ClipConfig, ClipIdentity, Vocabulary, load_clip
     from clip3d_core.clip.dense import DenseClipEncoder
-    from clip3d_core.model import Clip3DNet, ModelConfig
+    from clip3d_core.model import MODEL_PRESETS, Clip3DNet
     from clip3d_core.runtime import RuntimeOptions
     from clip3d_core.segmenter import Segmenter
 
     torch.manual_seed(0)
-    preset = ModelConfig.small if case["config"] == "small" else ModelConfig.default
+    preset = MODEL_PRESETS[case["config"]]
     backend = None if case["backend"] == "auto" else case["backend"]
     runtime = RuntimeOptions(
         backend=backend,

@@ -124,7 +124,7 @@ def _vocabulary(args: argparse.Namespace) -> list[str]:
 def _segmenter(args: argparse.Namespace, vocabulary: list[str], tmp: Path) -> tuple[Any, Path | None]:
     from clip3d_core.checkpoint import build_untrained_checkpoint, load_checkpoint
     from clip3d_core.clip import load_clip, tiny_clip_config
-    from clip3d_core.model import ModelConfig
+    from clip3d_core.model import MODEL_PRESETS
     from clip3d_core.segmenter import Segmenter
 
     kwargs: dict[str, Any] = dict(
@@ -143,7 +143,7 @@ def _segmenter(args: argparse.Namespace, vocabulary: list[str], tmp: Path) -> tu
         )
         log.warning("#" * 78)
         clip_cfg = tiny_clip_config()
-        preset = ModelConfig.small if args.config == "small" else ModelConfig.default
+        preset = MODEL_PRESETS[args.config]
         dim = load_clip(clip_cfg).embed_dim
         path = build_untrained_checkpoint(
             tmp / "untrained.pt",
@@ -174,9 +174,9 @@ def _write(
 ) -> dict[str, Any]:
     import torch
 
-    from clip3d_core.clip import UNLABELLED
     from clip3d_core.geometry import project_points
     from clip3d_core.io import write_labels
+    from clip3d_core.labels import UNLABELLED
     from clip3d_core.viz import bev_png, overlay_png
 
     out: Path = args.out

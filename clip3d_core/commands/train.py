@@ -3,6 +3,7 @@
 Examples:
   clip3d train --config training/synthetic_tiny.yaml --out runs/tiny
   clip3d train --config training/synthetic_tiny.yaml --out runs/tiny --resume
+  clip3d train --config training/synthetic_panoptic_tiny.yaml --out runs/panoptic_tiny
   clip3d train --config training/semantickitti_zeroshot.yaml --set data.root=/data/kitti \\
       --set trainer.iterations=20
 Many GPUs / nodes: torchrun --nproc_per_node 8 -m clip3d_core.cli train --config ...
@@ -39,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_train_config(args.config, args.overrides)
+        if cfg.setting == "panoptic":
+            if args.resume:
+                raise ConfigError("--resume is not supported for setting 'panoptic' yet")
+            from clip3d_core.training.panoptic_trainer import PanopticTrainer
+
+            result = PanopticTrainer(cfg, out_dir=args.out).fit()
+            print(json.dumps({"final_checkpoint": str(result.final_checkpoint),
+                              "iterations": result.iterations, "metrics": result.metrics}, indent=2))
+            return 0
         trainer = Trainer(cfg, out_dir=args.out, resume=args.resume)
         result = trainer.fit()
     except (ConfigError, ClipLoadError, CheckpointError, DatasetError, SplitError, ResumeError) as exc:

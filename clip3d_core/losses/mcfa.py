@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip3d_core.losses.classification import IGNORE_INDEX
+from clip3d_core.labels import IGNORE_INDEX
 
 
 def _check_pair(a: Tensor, b: Tensor, what: str) -> None:

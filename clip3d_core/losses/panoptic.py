@@ -1,6 +1,7 @@
 """Open-vocabulary panoptic losses (arXiv 2401.02402): Hungarian matching, focal classification over
 base classes on the cosine logits, mask focal + dice, object-level (L_O) and voxel-level (L_V) CLIP
-distillation. Pure functions on one sample's voxel tensors; `panoptic_losses` sums a batch.
+distillation. Pure functions on one sample's voxel tensors, and one function per term over a batch's
+`PanopticLossState` (registered as loss terms in `clip3d_core.losses.terms.panoptic`).
 
 Targets live on voxels (`voxel_targets`): each voxel takes the majority segment of its points, and a
 voxel whose majority is unlabelled (ignored or novel points) is left out of the mask losses, so the
@@ -20,19 +21,12 @@ from torchvision.ops import sigmoid_focal_loss
 
 
 @dataclass(frozen=True)
-class PanopticLossConfig:
-    """Loss weights (w_*) and matching-cost weights (cost_*); Mask2Former's 2 / 5 / 5 by default."""
+class MatchingCost:
+    """Weights of the Hungarian matching cost (Mask2Former's 2 / 5 / 5)."""
 
-    w_class: float = 2.0
-    w_mask: float = 5.0
-    w_dice: float = 5.0
-    w_object: float = 1.0  # L_O
-    w_voxel: float = 1.0  # L_V
     cost_class: float = 2.0
     cost_mask: float = 5.0
     cost_dice: float = 5.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
 
 
 @dataclass
@@ -82,7 +76,7 @@ def dice_loss(prob: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def hungarian_match(class_logits: Tensor, mask_logits: Tensor, targets: VoxelTargets, base_index: Tensor,
-                    stuff_classes: Tensor, cfg: PanopticLossConfig) -> Match:
+                    stuff_classes: Tensor, cfg: MatchingCost) -> Match:
     """Thing queries (all but the last ``len(stuff_classes)``) are matched to thing segments by the
     Hungarian algorithm on ``cost_class * -p(class) + cost_mask * BCE + cost_dice * dice`` (masks over
     labelled voxels); stuff query k is matched to the segment of ``stuff_classes[k]`` when present.
@@ -120,27 +114,40 @@ def hungarian_match(class_logits: Tensor, mask_logits: Tensor, targets: VoxelTar
                  torch.tensor(segments, dtype=torch.long, device=device))
 
 
-def classification_loss(class_logits: Tensor, match: Match, targets: VoxelTargets, base_index: Tensor,
-                        cfg: PanopticLossConfig) -> Tensor:
+def classification_loss(class_logits: Tensor, match: Match, targets: VoxelTargets, base_index: Tensor, *,
+                        alpha: float, gamma: float) -> Tensor:
     """Sigmoid focal loss over the BASE classes, summed over queries and classes / matched count:
     a matched query's target is its segment's class, every other query's is all zeros."""
     onehot = torch.zeros_like(class_logits)
     onehot[match.query, base_index[targets.classes[match.segment]]] = 1.0
-    loss = sigmoid_focal_loss(class_logits, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
-                              reduction="sum")
+    loss = sigmoid_focal_loss(class_logits, onehot, alpha=alpha, gamma=gamma, reduction="sum")
     return loss / max(match.query.numel(), 1)
 
 
-def mask_losses(mask_logits: Tensor, match: Match, targets: VoxelTargets, cfg: PanopticLossConfig
-                ) -> tuple[Tensor, Tensor]:
-    """(binary focal, dice) of the matched queries' masks over labelled voxels, mean over matches."""
+def _matched_masks(mask_logits: Tensor, match: Match, targets: VoxelTargets) -> tuple[Tensor, Tensor] | None:
+    """Matched queries' logits and target masks over the labelled voxels ([K, V_l] each); None when
+    nothing is matched or labelled."""
     if match.query.numel() == 0 or not bool(targets.labelled.any()):
-        zero = mask_logits.sum() * 0.0
-        return zero, zero
+        return None
     logits = mask_logits[match.query][:, targets.labelled]
-    tgt = targets.masks[match.segment][:, targets.labelled].to(logits.dtype)
-    focal = sigmoid_focal_loss(logits, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none")
-    return focal.mean(dim=1).mean(), dice_loss(logits.sigmoid(), tgt).mean()
+    return logits, targets.masks[match.segment][:, targets.labelled].to(logits.dtype)
+
+
+def mask_focal_loss(mask_logits: Tensor, match: Match, targets: VoxelTargets, *, alpha: float, gamma: float
+                    ) -> Tensor:
+    """Binary focal loss of the matched queries' masks over labelled voxels, mean over voxels and matches."""
+    pair = _matched_masks(mask_logits, match, targets)
+    if pair is None:
+        return mask_logits.sum() * 0.0
+    return sigmoid_focal_loss(*pair, alpha=alpha, gamma=gamma, reduction="none").mean(dim=1).mean()
+
+
+def mask_dice_loss(mask_logits: Tensor, match: Match, targets: VoxelTargets) -> Tensor:
+    """Dice loss of the matched queries' masks over labelled voxels, mean over matches."""
+    pair = _matched_masks(mask_logits, match, targets)
+    if pair is None:
+        return mask_logits.sum() * 0.0
+    return dice_loss(pair[0].sigmoid(), pair[1]).mean()
 
 
 def object_distillation_loss(class_embed: Tensor, mask_logits: Tensor, query: Tensor, clip: Tensor,
@@ -166,31 +173,66 @@ def voxel_distillation_loss(class_embed: Tensor, mask_logits: Tensor, clip: Tens
     return (1 - F.cosine_similarity(rebuilt, clip[clip_mask], dim=1)).mean()
 
 
-def panoptic_losses(mask_logits: list[Tensor], class_embed: Tensor, class_logits: Tensor,
-                    targets: list[VoxelTargets], base_index: Tensor, stuff_classes: Tensor,
-                    cfg: PanopticLossConfig, clip: list[Tensor] | None = None,
-                    clip_mask: list[Tensor] | None = None) -> dict[str, Tensor]:
-    """Per-term losses (already weighted) averaged over the batch, plus "total".
+@dataclass
+class PanopticLossState:
+    """One batch's decoder outputs, voxel targets and matches: everything the panoptic loss terms read.
 
-    mask_logits[b] [Q, V_b]; class_embed [B, Q, D]; class_logits [B, Q, C_base] on base text;
-    clip[b] / clip_mask[b]: the sample's frozen voxel CLIP features [V_b, D] and [V_b] bool (None:
-    no distillation terms).
+    mask_logits[b] [Q, V_b]; class_embed [B, Q, D]; class_logits [B, Q, C_base] on the BASE text;
+    base_index [C] dataset class -> base column; clip[b] / clip_mask[b]: the sample's frozen voxel CLIP
+    features [V_b, D] and [V_b] bool (None: no camera, no distillation).
     """
-    terms: dict[str, list[Tensor]] = {k: [] for k in ("class", "mask", "dice", "object", "voxel")}
-    for b, tgt in enumerate(targets):
-        match = hungarian_match(class_logits[b], mask_logits[b], tgt, base_index, stuff_classes, cfg)
-        terms["class"].append(cfg.w_class * classification_loss(class_logits[b], match, tgt, base_index, cfg))
-        focal, dice = mask_losses(mask_logits[b], match, tgt, cfg)
-        terms["mask"].append(cfg.w_mask * focal)
-        terms["dice"].append(cfg.w_dice * dice)
-        if clip is not None and clip_mask is not None:
-            terms["object"].append(cfg.w_object * object_distillation_loss(
-                class_embed[b], mask_logits[b], match.query, clip[b], clip_mask[b]))
-            terms["voxel"].append(cfg.w_voxel * voxel_distillation_loss(
-                class_embed[b], mask_logits[b], clip[b], clip_mask[b]))
-    out = {k: torch.stack(v).mean() for k, v in terms.items() if v}
-    out["total"] = sum(out.values())
-    return out
+
+    mask_logits: list[Tensor]
+    class_embed: Tensor
+    class_logits: Tensor
+    targets: list[VoxelTargets]
+    matches: list[Match]
+    base_index: Tensor
+    clip: list[Tensor] | None = None
+    clip_mask: list[Tensor] | None = None
+
+    @classmethod
+    def matched(cls, mask_logits: list[Tensor], class_embed: Tensor, class_logits: Tensor,
+                targets: list[VoxelTargets], base_index: Tensor, stuff_classes: Tensor, cost: MatchingCost,
+                clip: list[Tensor] | None = None, clip_mask: list[Tensor] | None = None) -> PanopticLossState:
+        """Match every sample once (`hungarian_match`); the terms share the matches."""
+        matches = [hungarian_match(class_logits[b], mask_logits[b], t, base_index, stuff_classes, cost)
+                   for b, t in enumerate(targets)]
+        return cls(mask_logits, class_embed, class_logits, targets, matches, base_index, clip, clip_mask)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.targets)
+
+
+def class_term(s: PanopticLossState, *, alpha: float, gamma: float) -> Tensor:
+    return torch.stack([classification_loss(s.class_logits[b], s.matches[b], s.targets[b], s.base_index,
+                                            alpha=alpha, gamma=gamma) for b in range(s.batch_size)]).mean()
+
+
+def mask_term(s: PanopticLossState, *, alpha: float, gamma: float) -> Tensor:
+    return torch.stack([mask_focal_loss(s.mask_logits[b], s.matches[b], s.targets[b], alpha=alpha,
+                                        gamma=gamma) for b in range(s.batch_size)]).mean()
+
+
+def dice_term(s: PanopticLossState) -> Tensor:
+    return torch.stack([mask_dice_loss(s.mask_logits[b], s.matches[b], s.targets[b])
+                        for b in range(s.batch_size)]).mean()
+
+
+def object_term(s: PanopticLossState) -> Tensor:
+    if s.clip is None or s.clip_mask is None:
+        raise ValueError("object-level distillation needs the frozen CLIP voxel features")
+    return torch.stack([object_distillation_loss(s.class_embed[b], s.mask_logits[b], s.matches[b].query,
+                                                 s.clip[b], s.clip_mask[b])
+                        for b in range(s.batch_size)]).mean()
+
+
+def voxel_term(s: PanopticLossState) -> Tensor:
+    if s.clip is None or s.clip_mask is None:
+        raise ValueError("voxel-level distillation needs the frozen CLIP voxel features")
+    return torch.stack([voxel_distillation_loss(s.class_embed[b], s.mask_logits[b], s.clip[b], s.clip_mask[b])
+                        for b in range(s.batch_size)]).mean()
 
 
 def base_class_index(num_classes: int, base_ids: tuple[int, ...] | list[int],

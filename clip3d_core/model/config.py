@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 # SemanticKITTI / nuScenes driving range: +-51.2 m around the sensor, -4..2.4 m height. A multiple
 # of 2**4 voxels per axis at 0.1/0.2 m, so every encoder stage halves the grid exactly.
@@ -103,3 +104,11 @@ class ModelConfig:
     def default(cls, **overrides: Any) -> ModelConfig:
         """The training configuration: Pointcept-sized encoder, 512-d ViT-B-16 joint space."""
         return dataclasses.replace(cls(), **overrides)
+
+
+ModelPreset = Literal["small", "default"]
+# Named model sizes: the one table every "--config small" / `model_preset:` goes through.
+MODEL_PRESETS: dict[str, Callable[..., ModelConfig]] = {
+    "small": ModelConfig.small,
+    "default": ModelConfig.default,
+}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clip3d_core.losses.classification import cosine_logits
+from clip3d_core.similarity import cosine_logits
 
 
 def mlp(

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip3d_core.geometry import Voxelization, voxel_mean
-from clip3d_core.losses.classification import cosine_logits
 from clip3d_core.model.config import ModelConfig
 from clip3d_core.model.network import voxelize_points
 from clip3d_core.model.unet import SparseUNet
+from clip3d_core.similarity import cosine_logits
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,16 @@ class PanopticModelConfig:
     head: PanopticHeadConfig = field(default_factory=PanopticHeadConfig)
 
 
+@dataclass(frozen=True)
+class PanopticInfo:
+    """What a panoptic checkpoint adds to a semantic one: the head's sizes, the thing classes (names;
+    a live vocabulary's entries named so get instance ids) and the minimum segment size of the merge."""
+
+    head: PanopticHeadConfig
+    things: tuple[str, ...]
+    min_points: int
+
+
 @dataclass
 class PanopticOutput:
     """Per-voxel predictions of a batch; voxel rows are grouped by sample (`voxel_offsets`).
@@ -90,6 +100,11 @@ class PanopticOutput:
     class_embed: Tensor
     clip: Tensor | None
     clip_mask: Tensor | None
+
+    def sample_point_to_voxel(self, batch_index: Tensor, b: int) -> Tensor:
+        """Sample b's points (in input order) -> rows of its own voxel block (-1 outside the grid)."""
+        p2v = self.vox.point_to_voxel[batch_index == b]
+        return torch.where(p2v >= 0, p2v - self.voxel_offsets[b], p2v)
 
 
 def voxel_clip_features(clip: Tensor, clip_mask: Tensor, vox: Voxelization) -> tuple[Tensor, Tensor]:
@@ -198,9 +213,12 @@ class PanopticNet(nn.Module):
         self.backbone = SparseUNet(m.backbone)
         self.fusion = ConcatFusion(m.backbone.out_channels, m.embed_dim, h.hidden, h.fusion)
         self.position = PositionEmbedding(h.fourier_bands, h.hidden)
-        self.query_feat = nn.Parameter(torch.randn(h.num_queries, h.hidden) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(h.num_queries, h.hidden) * 0.02)
+        # N(0, 1) as nn.Embedding (Mask2Former): near-identical queries would all attend alike and
+        # predict the same mask, which the Hungarian matching cannot break
+        self.query_feat = nn.Parameter(torch.randn(h.num_queries, h.hidden))
+        self.query_pos = nn.Parameter(torch.randn(h.num_queries, h.hidden))
         self.layers = nn.ModuleList(DecoderLayer(h.hidden, h.num_heads, h.ffn) for _ in range(h.num_layers))
+        self.mask_norm = nn.LayerNorm(h.hidden)  # mask features on one scale whatever the fusion outputs
         self.mask_embed = nn.Sequential(nn.Linear(h.hidden, h.hidden), nn.ReLU(inplace=True),
                                         nn.Linear(h.hidden, h.hidden))
         self.class_embed = nn.Sequential(nn.Linear(h.hidden, h.hidden), nn.ReLU(inplace=True),
@@ -223,8 +241,11 @@ class PanopticNet(nn.Module):
         vox = self.voxelize(points, batch_index)
         p = points[vox.valid][:, :c]
         p2v = vox.point_to_voxel[vox.valid]
-        voxel_in = voxel_mean(p, p2v, vox.num_voxels)
-        lidar = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        if vox.num_voxels:
+            voxel_in = voxel_mean(p, p2v, vox.num_voxels)
+            lidar = self.backbone(voxel_in, vox.coords, vox.spatial_shape, vox.batch_size)
+        else:  # nothing in range (or every point non-finite): sparse convolutions refuse empty input
+            lidar = points.new_zeros(0, self.cfg.model.backbone.out_channels)
         vclip = vmask = None
         if clip is not None:
             if clip_mask is None:
@@ -247,7 +268,7 @@ class PanopticNet(nn.Module):
             for layer in self.layers:
                 q = layer(q, q_pos, mem, mem_pos)
             q = q.squeeze(0)
-            masks.append(self.mask_embed(q) @ (mem + mem_pos).squeeze(0).t())
+            masks.append(self.mask_embed(q) @ self.mask_norm((mem + mem_pos).squeeze(0)).t())
             embeds.append(F.normalize(self.class_embed(q), dim=-1))
         return PanopticOutput(vox, offsets, masks, torch.stack(embeds), vclip, vmask)
 
@@ -255,3 +276,13 @@ class PanopticNet(nn.Module):
                      num_classes: int | None = None) -> Tensor:
         """[B, Q, C] logits of every query for a vocabulary (see `OpenVocabClassifier`)."""
         return self.classifier(out.class_embed, text, name_class, num_classes)
+
+
+def point_embeddings(out: PanopticOutput) -> Tensor:
+    """[N, D] unit per-point embedding rebuilt from the queries (mask probability x class embedding,
+    what L_V distils), zero outside the grid: the panoptic model's semantic point features."""
+    rebuilt = [m.sigmoid().t() @ e for m, e in zip(out.mask_logits, out.class_embed)]
+    voxel = F.normalize(torch.cat(rebuilt), dim=1)
+    valid = out.vox.valid
+    feats = voxel.new_zeros(valid.shape[0], voxel.shape[1])
+    return feats.index_put((valid,), voxel[out.vox.point_to_voxel[valid]])

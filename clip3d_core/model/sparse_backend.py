@@ -36,14 +36,25 @@ class SparseBackendError(RuntimeError):
     """The requested sparse-convolution backend is unknown, not installed or cannot run here."""
 
 
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+@functools.cache
+def _import_error(module_name: str) -> str | None:
+    """None when ``module_name`` imports, else why not (not installed, or a broken install such as
+    a CUDA build whose runtime libraries are missing: reported, never a crash at model build)."""
+    top = module_name.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        return f"{top.replace('_', '-')} is not installed"
+    try:
+        importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, OSError from a shared library, RuntimeError...
+        log.warning("%s is installed but does not import: %s", module_name, exc)
+        return f"{module_name} does not import: {type(exc).__name__}: {exc}"[:300]
+    return None
 
 
 @functools.cache
 def spconv_has_cuda() -> bool:
     """True when the installed `spconv` is a CUDA build (`spconv-cuXXX`), not the CPU wheel."""
-    if not _installed("spconv"):
+    if _import_error("spconv.pytorch") is not None:
         return False
     from spconv.cppconstants import CPU_ONLY_BUILD
 
@@ -57,16 +68,15 @@ def _cuda_available() -> bool:
 
 
 def available() -> dict[str, str | None]:
-    """Each backend -> None when it is installed and importable here, else why not. (Where it can
-    run is `check_device`'s business: spconv-triton builds models on CPU but runs them on GPUs.)"""
-    out: dict[str, str | None] = {}
-    out["spconv"] = None if _installed("spconv") else "spconv is not installed"
-    if not _installed("spconv_triton"):
+    """Each backend -> None when it is installed and imports here, else why not. (Where it can run
+    is `check_device`'s business: spconv-triton builds models on CPU but runs them on GPUs.)"""
+    out: dict[str, str | None] = {"spconv": _import_error("spconv.pytorch")}
+    if importlib.util.find_spec("spconv_triton") is None:
         out["spconv_triton"] = "spconv-triton is not installed (make GPU=triton)"
-    elif not _installed("triton"):
+    elif importlib.util.find_spec("triton") is None:
         out["spconv_triton"] = "spconv-triton needs Triton (it comes with CUDA builds of torch)"
     else:
-        out["spconv_triton"] = None
+        out["spconv_triton"] = _import_error("spconv_triton.pytorch")
     return out
 
 
@@ -101,6 +111,30 @@ def check_device(backend: str, device: torch.device) -> None:
             "the installed spconv is the CPU build: install spconv-cuXXX (make CUDA=cu126) or "
             "spconv-triton (make GPU=triton, backend spconv_triton) for CUDA"
         )
+
+
+def for_device(device: torch.device, requested: str | None = None, current: str | None = None) -> str:
+    """The backend to run on ``device``: ``requested`` (or $CLIP3D_SPARSE_BACKEND) when given, which
+    must run there; else ``current`` (a model's) when it runs there; else the automatic choice or
+    another installed backend that does (a CPU run on a spconv-triton GPU machine takes spconv)."""
+    explicit = requested or os.environ.get(ENV_VAR)
+    if explicit:
+        backend = resolve(explicit)
+        check_device(backend, device)
+        return backend
+    status = available()
+    try:
+        automatic = [resolve()]
+    except SparseBackendError:
+        automatic = []
+    installed = [b for b in BACKENDS if status[b] is None]
+    for backend in [*([current] if current else []), *automatic, *installed]:
+        try:
+            check_device(backend, device)
+        except SparseBackendError:
+            continue
+        return backend
+    raise SparseBackendError(f"no installed sparse backend runs on {device}: {status}")
 
 
 def module(backend: str) -> ModuleType:

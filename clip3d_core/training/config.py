@@ -11,20 +11,20 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from clip3d_core.clip import ClipConfig
-from clip3d_core.clip.dense import LAST_BLOCK_MODES
-from clip3d_core.config import ConfigError, from_dict, load_yaml, to_dict
-from clip3d_core.data.synthetic.config import SyntheticConfig
+from clip3d_core.clip.dense import LastBlock
+from clip3d_core.config import ConfigError, check_choices, from_dict, load_yaml, to_dict
+from clip3d_core.data.registry import dataset_options
+from clip3d_core.losses.registry import LossTermConfig, build_loss_terms, default_loss_config
+from clip3d_core.metrics import METRICS, MetricConfig, default_metrics_config
+from clip3d_core.model.config import ModelPreset
 from clip3d_core.pseudo_labels import PseudoLabelConfig
 
-SETTINGS = ("zero_shot", "annotation_free", "supervised")
-DATASETS = ("synthetic", "semantickitti", "nuscenes")
-
-
+Setting = Literal["zero_shot", "annotation_free", "supervised", "panoptic"]
 
 def is_device_name(name: str) -> bool:
     """auto | cpu | cuda | cuda:N"""
@@ -34,9 +34,10 @@ def is_device_name(name: str) -> bool:
 class DataConfig:
     """Which frames are trained on / evaluated on.
 
-    `dataset` picks the reader. Training and evaluation frames never overlap: synthetic frames
-    come from different world seeds (`synthetic.seed`, `val_seed`), real ones from disjoint
-    sequences / splits.
+    `dataset` names a registered dataset (`clip3d_core.data.registry`: synthetic, semantickitti,
+    nuscenes) and `options` holds its own typed options (e.g. synthetic: world, train_frames,
+    val_frames, val_seed, cache_dir; semantickitti: train_sequences, val_sequences). Training and
+    evaluation frames never overlap (each dataset checks its own way).
     """
 
     dataset: str = "synthetic"
@@ -44,23 +45,12 @@ class DataConfig:
     # Zero-shot split: a name for `clip3d_core.data.load_split`, or explicit unseen class names.
     split: str | None = None
     unseen: list[str] = field(default_factory=list)
-    # synthetic
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    train_frames: int = 64
-    val_frames: int = 16
-    val_seed: int = 100_000  # synthetic world seed of the evaluation frames (training: synthetic.seed)
-    cache_frames: bool = True  # synthetic: keep generated frames in memory
-    cache_dir: str | None = None  # synthetic: also keep them on disk (reused across runs)
-    # SemanticKITTI
-    train_sequences: str | list[str] = "train"  # "train" / "val" or sequence numbers
-    val_sequences: str | list[str] = "val"
-    # nuScenes
-    version: str = "v1.0-trainval"
-    train_split: str = "train"
-    val_split: str = "val"
-    # Extra keyword arguments for the real-dataset readers (e.g. camera list, image size).
-    reader: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     max_val_frames: int | None = None
+
+    def typed_options(self) -> Any:
+        """The dataset's options as its `Options` dataclass (`ConfigError` for unknown keys)."""
+        return dataset_options(self.dataset, self.options)
 
 
 @dataclass
@@ -74,11 +64,11 @@ class TeacherConfig:
     `options` holds the teacher's own config keys.
     """
 
-    kind: str = "clip"
+    kind: Literal["clip", "simulated"] = "clip"
     options: dict[str, Any] = field(default_factory=dict)
     # Dense path of CLIP's last block (kind "clip"): "value" (residual-free, the default) or
     # "maskclip" (value path plus residual and MLP, as in MaskCLIP). Fusion models reuse it at inference.
-    dense_last_block: str = "value"
+    dense_last_block: LastBlock = "value"
     # Short image side fed to the CLIP image encoder (None = the model's native size).
     short_side: int | None = None
     # Keep per-frame point-level teacher outputs in memory (the teacher is frozen, so features
@@ -99,17 +89,25 @@ class PseudoConfig:
 
 
 @dataclass
-class LossConfig:
-    """loss = w_ce * CE(cos(F3d, text) / tau) + w_sem * semantic MCFA + w_spa * spatial MCFA (0 disables)."""
+class FusionConfig:
+    """Training of the 2D-3D fusion (models with ``model.fusion: true``): the model is fed the
+    teacher's frozen CLIP features of the points a camera sees, as the segmenter feeds it at
+    inference. With probability ``camera_dropout`` a frame loses all its camera features, so the
+    model also works when cameras fail."""
 
-    w_ce: float = 1.0
-    w_sem: float = 1.0
-    w_spa: float = 1.0
-    mcfa_temperature: float = 0.07  # temperature of both MCFA InfoNCE terms
-    semantic_balance: bool = True  # semantic term: every class weighs the same
-    spatial_pairs: int = 2048  # cap on point-group <-> patch pairs per batch (spatial term)
-    class_balance: float = 0.0  # CE class weights (n_c / n) ** -power per batch; 0 = unweighted
-    label_smoothing: float = 0.0
+    camera_dropout: float = 0.2
+
+
+@dataclass
+class EvaluationConfig:
+    """Held-out evaluation: the metrics (by registered name, see `clip3d_core.metrics`), and the
+    inference settings evaluated -- the same the segmenter ships with: ``score_threshold`` (points
+    scoring below it are unlabelled) and ``cameras`` (fusion models are fed the frame's camera
+    features; false scores the LiDAR-only path)."""
+
+    metrics: dict[str, MetricConfig] = field(default_factory=default_metrics_config)
+    score_threshold: float | None = None
+    cameras: bool = True
 
 
 @dataclass
@@ -133,12 +131,12 @@ class SelfTrainingConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_iterations: int = 0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 10.0
 
@@ -164,7 +162,7 @@ class TrainerConfig:
     # torch intra-op threads per process (0 = torch's default). On a shared CPU, 1 thread avoids
     # OpenMP oversubscription, which can slow sparse convolutions down ten-fold.
     cpu_threads: int = 0
-    amp: str = "bf16"  # bf16 | fp16 | off — autocast only on CUDA
+    amp: Literal["bf16", "fp16", "off"] = "bf16"  # autocast only on CUDA
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 20
@@ -179,10 +177,21 @@ class TrainerConfig:
 
 
 @dataclass
+class PanopticConfig:
+    """Setting "panoptic" (`clip3d_core.training.panoptic_trainer`): the base / novel split (a name of
+    `clip3d_core.data.panoptic` or a YAML file; its dataset fixes things and min segment size, and it
+    replaces data.split / data.unseen) and `PanopticHeadConfig` overrides (the base-stuff query count
+    follows the split, the camera drop-out is fusion.camera_dropout)."""
+
+    split: str = "synthetic_b13n4"
+    head: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     out_dir: str = "runs/${name}"
-    setting: str = "zero_shot"
+    setting: Setting = "zero_shot"
     clip: ClipConfig = field(default_factory=ClipConfig)
     vocabulary: list[str] | None = None  # text entries per class ("car|automobile"); None = class names
     templates: list[str] | None = None
@@ -193,42 +202,31 @@ class TrainConfig:
     text_bank: str | None = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model_preset: str = "small"  # small | default
+    model_preset: ModelPreset = "small"  # a name of `MODEL_PRESETS`
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides of the preset
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # Loss terms by name (see `clip3d_core.losses.registry`); a YAML `loss` section lists them all.
+    loss: dict[str, LossTermConfig] = field(default_factory=default_loss_config)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    panoptic: PanopticConfig = field(default_factory=PanopticConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> TrainConfig:
-        if self.setting not in SETTINGS:
-            raise ConfigError(f"setting: {self.setting!r} not in {SETTINGS}")
-        if self.data.dataset not in DATASETS:
-            raise ConfigError(f"data.dataset: {self.data.dataset!r} not in {DATASETS}")
-        if self.teacher.kind not in ("clip", "simulated"):
-            raise ConfigError(f"teacher.kind: {self.teacher.kind!r} not in ('clip', 'simulated')")
-        if self.teacher.dense_last_block not in LAST_BLOCK_MODES:
-            raise ConfigError(f"teacher.dense_last_block: {self.teacher.dense_last_block!r} not in "
-                              f"{LAST_BLOCK_MODES}")
+        check_choices(self)  # every Literal[...] field, also for configs built in code
+        self.data.typed_options()  # unknown dataset or options fail here
         if self.text_bank == "synthetic" and self.data.dataset != "synthetic":
             raise ConfigError("text_bank 'synthetic' is the synthetic world's class geometry: synthetic only")
         if self.teacher.kind == "simulated" and self.data.dataset != "synthetic":
             raise ConfigError("teacher.kind 'simulated' needs rendered pixel labels: synthetic data only")
-        if self.model_preset not in ("small", "default"):
-            raise ConfigError(f"model_preset: {self.model_preset!r} not in ('small', 'default')")
-        if self.trainer.amp not in ("bf16", "fp16", "off"):
-            raise ConfigError(f"trainer.amp: {self.trainer.amp!r} not in ('bf16', 'fp16', 'off')")
         if not is_device_name(self.trainer.device):
             raise ConfigError(f"trainer.device: {self.trainer.device!r}: expected auto, cpu, cuda or cuda:N")
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule: {self.optim.schedule!r} not in ('cosine', 'constant')")
-        if self.optim.name not in ("adamw", "sgd"):
-            raise ConfigError(f"optim.name: {self.optim.name!r} not in ('adamw', 'sgd')")
         for key in ("iterations", "batch_size"):
             if getattr(self.trainer, key) < (0 if key == "iterations" else 1):
                 raise ConfigError(f"trainer.{key}: {getattr(self.trainer, key)} is out of range")
@@ -240,18 +238,21 @@ class TrainConfig:
             self.pseudo.labels.validate()
         except ValueError as exc:
             raise ConfigError(f"pseudo.labels: {exc}") from exc
-        if self.pseudo.labels.restrict_to is not None:
-            raise ConfigError("pseudo.labels.restrict_to comes from the split: use pseudo.restrict_to_unseen")
         if self.setting == "supervised" and (self.pseudo.enabled or self.self_training.enabled):
             raise ConfigError("setting 'supervised' uses ground truth only: disable pseudo and self_training")
+        if self.setting == "panoptic" and (self.pseudo.enabled or self.self_training.enabled):
+            raise ConfigError("setting 'panoptic' learns from base labels + distillation: disable pseudo and "
+                              "self_training")
         if self.setting == "annotation_free" and not self.pseudo.enabled:
             raise ConfigError("setting 'annotation_free' has no ground truth: pseudo.enabled must be true")
         lo, hi = self.augment.scale
         if not 0 < lo <= hi or self.augment.jitter < 0:
             raise ConfigError(f"augment: need 0 < scale[0] <= scale[1] and jitter >= 0, got {self.augment}")
-        for key in ("w_ce", "w_sem", "w_spa"):
-            if getattr(self.loss, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0")
+        if not 0.0 <= self.fusion.camera_dropout <= 1.0:
+            raise ConfigError(f"fusion.camera_dropout: {self.fusion.camera_dropout} not in [0, 1]")
+        build_loss_terms(self.loss)  # unknown terms or options fail here, not mid-training
+        for key, entry in self.evaluation.metrics.items():
+            METRICS.get(entry.metric or key)
         return self
 
     @property
@@ -305,7 +306,3 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         where = str(path or "TrainConfig")
         cfg = from_dict(TrainConfig, apply_overrides(to_dict(cfg), overrides), where=where)
     return cfg
-
-
-def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return to_dict(cfg)

@@ -1,17 +1,10 @@
-"""Datasets, split, vocabulary, teacher and model config built from a `TrainConfig`, plus the
-training-side frame cache and batch collation (shared by `clip3d train`, `clip3d evaluate` and the
-benchmark)."""
+"""Datasets, split, vocabulary, teacher and model config built from a `TrainConfig`, plus batch
+collation (shared by `clip3d train`, `clip3d evaluate` and the benchmark)."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,19 +12,11 @@ from torch.utils.data import Dataset, Subset
 
 from clip3d_core.clip import DEFAULT_TEMPLATES, EmbeddingBank, LoadedClip, TextEncoder, Vocabulary
 from clip3d_core.config import ConfigError, from_dict, to_dict
-from clip3d_core.data import (
-    Frame,
-    NuScenesLidarSegDataset,
-    SemanticKittiDataset,
-    SyntheticWorldDataset,
-    ZeroShotSplit,
-    collate_frames,
-    load_split,
-)
-from clip3d_core.data.semantickitti import SEQUENCE_SPLITS
+from clip3d_core.data import Frame, ZeroShotSplit, collate_frames, load_split
+from clip3d_core.data.registry import dataset_source
 from clip3d_core.data.synthetic.teacher import SimulatedTeacher, SimulatedTeacherConfig
 from clip3d_core.data.synthetic.text_geometry import load_text_geometry
-from clip3d_core.model import ModelConfig
+from clip3d_core.model import MODEL_PRESETS, ModelConfig
 from clip3d_core.teacher import ClipTeacher, Teacher
 from clip3d_core.testing import shared_data_dir
 from clip3d_core.training.config import DataConfig, TeacherConfig, TrainConfig
@@ -52,38 +37,10 @@ def _subset(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, range(limit))
 
 
-def _sequences(value: str | list[str]) -> set[str]:
-    names = SEQUENCE_SPLITS.get(value, [value]) if isinstance(value, str) else value
-    return {f"{int(n):02d}" if str(n).isdigit() else str(n) for n in names}
-
-
 def build_datasets(data: DataConfig, split: ZeroShotSplit) -> tuple[Dataset[Frame], Dataset[Frame]]:
-    """(training frames, evaluation frames); never overlapping (see `DataConfig`)."""
-    if data.dataset == "synthetic":
-        if data.val_seed == data.synthetic.seed:
-            raise ConfigError("data.val_seed equals data.synthetic.seed: evaluation frames = training frames")
-        val_cfg = dataclasses.replace(data.synthetic, seed=data.val_seed)
-        train = SyntheticWorldDataset(data.synthetic, data.train_frames)
-        val = SyntheticWorldDataset(val_cfg, data.val_frames)
-        class_names = train.class_names
-        if data.cache_frames:
-            train = FrameCache(train, key=synthetic_key(data.synthetic), directory=data.cache_dir)
-            val = FrameCache(val, key=synthetic_key(val_cfg), directory=data.cache_dir)
-    else:
-        if data.root is None:
-            raise ConfigError(f"data.root is required for dataset {data.dataset!r}")
-        if data.dataset == "semantickitti":
-            overlap = sorted(_sequences(data.train_sequences) & _sequences(data.val_sequences))
-            if overlap:
-                raise ConfigError(f"sequences {overlap} are in both train_sequences and val_sequences")
-            train = SemanticKittiDataset(data.root, data.train_sequences, **data.reader)
-            val = SemanticKittiDataset(data.root, data.val_sequences, **data.reader)
-        else:
-            if data.train_split == data.val_split:
-                raise ConfigError("data.train_split equals data.val_split")
-            train = NuScenesLidarSegDataset(data.root, data.version, data.train_split, **data.reader)
-            val = NuScenesLidarSegDataset(data.root, data.version, data.val_split, **data.reader)
-        class_names = train.class_names
+    """(training frames, evaluation frames) of the registered dataset `data.dataset`."""
+    train, val = dataset_source(data.dataset).build(data.root, data.typed_options())
+    class_names = train.class_names  # type: ignore[attr-defined]
     if tuple(class_names) != tuple(split.classes):
         raise ConfigError(
             f"split {split.name!r} classes {list(split.classes)} != dataset classes {list(class_names)}"
@@ -143,7 +100,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def build_model_config(cfg: TrainConfig, embed_dim: int) -> ModelConfig:
     """Preset + overrides; `embed_dim` always follows the CLIP model."""
-    preset = ModelConfig.small() if cfg.model_preset == "small" else ModelConfig.default()
+    preset = MODEL_PRESETS[cfg.model_preset]()
     given = cfg.model.get("embed_dim")
     if given is not None and given != embed_dim:
         raise ConfigError(f"model.embed_dim {given} differs from the CLIP embedding width {embed_dim}")
@@ -152,51 +109,6 @@ def build_model_config(cfg: TrainConfig, embed_dim: int) -> ModelConfig:
         return from_dict(ModelConfig, data, where="model")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
-
-
-class FrameCache(Dataset[Frame]):
-    """Remembers the frames of a deterministic dataset: in memory and, with `directory`, on disk
-    (one pickle per frame under a key of the dataset description). Synthetic frames take seconds
-    to ray-cast, and the same frames are revisited every epoch."""
-
-    def __init__(self, dataset: Dataset[Frame], *, key: str, directory: str | Path | None = None,
-                 memory: bool = True) -> None:
-        self.dataset = dataset
-        self.memory = memory
-        self._frames: dict[int, Frame] = {}
-        self.directory = None if directory is None else Path(directory) / key
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Frame:
-        if index in self._frames:
-            return self._frames[index]
-        frame = None
-        path = None if self.directory is None else self.directory / f"{index:06d}.pkl"
-        if path is not None and path.is_file():
-            try:
-                with open(path, "rb") as f:
-                    frame = pickle.load(f)  # our own cache files
-            except (OSError, pickle.UnpicklingError, EOFError) as exc:
-                log.warning("frame cache %s unreadable (%s): regenerating", path, exc)
-        if frame is None:
-            frame = self.dataset[index]
-            if path is not None:
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    pickle.dump(frame, f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, path)
-        if self.memory:
-            self._frames[index] = frame
-        return frame
-
-
-def synthetic_key(cfg: Any) -> str:
-    """Cache folder of a synthetic world config: frame i depends only on (config, i)."""
-    return "synthetic-" + hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def collate(frames: Sequence[Frame]) -> tuple[list[Frame], dict[str, Any]]:

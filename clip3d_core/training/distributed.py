@@ -137,14 +137,6 @@ def all_reduce_sum_(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    if not info.distributed:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 class IterationBatchSampler(Sampler[list[int]]):
     """Endless batches for iteration-based training, resumable at any iteration.
 

@@ -33,9 +33,14 @@ from torch.utils.data import DataLoader
 
 from clip3d_core.checkpoint import load_checkpoint, save_checkpoint
 from clip3d_core.clip import load_clip
+from clip3d_core.clip.dense import DenseConfig
 from clip3d_core.config import ConfigError, to_dict
 from clip3d_core.data import collate_frames
-from clip3d_core.model import Clip3DNet
+from clip3d_core.labels import IGNORE_INDEX
+from clip3d_core.losses import LossInputs, build_loss_terms, combine_losses
+from clip3d_core.metrics import SemanticMetric
+from clip3d_core.model import Clip3DNet, sparse_backend
+from clip3d_core.predictor import CameraFeatures, predict
 from clip3d_core.pseudo_labels import label_quality
 from clip3d_core.teacher import PointTargets, frame_point_targets
 from clip3d_core.training import state as st
@@ -71,13 +76,12 @@ from clip3d_core.training.stages import (
     Targets,
     calibrate_thresholds,
     clip_guided_targets,
-    method_loss,
     plan_stages,
     self_training_targets,
     stage_at,
     teacher_labels,
 )
-from clip3d_core.training.validation import evaluate, model_predictor, summary
+from clip3d_core.training.validation import FramePredictor, camera_features, evaluate, summary
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +133,14 @@ class Trainer:
         self.space = LabelSpace(self.split.num_classes, self.split.unseen_ids, cfg.setting)
         self.train_set, self.val_set = build_datasets(cfg.data, self.split)
         self.stages = plan_stages(cfg)
+        self.loss_terms = build_loss_terms(cfg.loss)
+        self.model_cfg = build_model_config(cfg, self.identity.embed_dim)
         self.teacher = build_teacher(cfg.teacher, self.loaded) if self._needs_teacher() else None
         if cfg.teacher.kind == "clip" and self.teacher is not None and self.identity != self.loaded.identity:
             raise ConfigError(f"text bank {self.identity} != CLIP teacher {self.loaded.identity}")
         self._teacher_cache: dict[str, PointTargets] = {}
 
-        self.model_cfg = build_model_config(cfg, self.identity.embed_dim)
-        model = Clip3DNet(self.model_cfg).to(self.device)
+        model = Clip3DNet(self.model_cfg, backend=sparse_backend.for_device(self.device)).to(self.device)
         self.model = wrap_model(model, self.info, self.device, sync_batchnorm=cfg.trainer.sync_batchnorm,
                                 find_unused_parameters=cfg.trainer.find_unused_parameters)
         self.optimizer = self._optimizer(model)
@@ -158,7 +163,8 @@ class Trainer:
 
     def _needs_teacher(self) -> bool:
         cfg = self.cfg
-        return (cfg.pseudo.enabled or cfg.loss.w_sem > 0 or cfg.loss.w_spa > 0
+        return (cfg.pseudo.enabled or self.model_cfg.fusion
+                or any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
                 or (cfg.self_training.enabled and cfg.self_training.keep_teacher_labels))
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -190,13 +196,15 @@ class Trainer:
             "total_iterations": self.cfg.total_iterations,
             "split": self.split.to_dict(),
             "metrics": copy.deepcopy(self.metrics),
-            "train_config": to_dict(self.cfg),
+            "train_config": to_dict(self.cfg),  # a record of the run; inference never reads it
             "world_size": self.info.world_size,
         }
 
     def _save_model(self, path: Path, stage: str) -> Path:
+        dense = DenseConfig(self.cfg.teacher.dense_last_block, self.cfg.teacher.short_side)
         return save_checkpoint(path, self.bare, self.model_cfg, self.cfg.clip, self.identity,
-                               vocabulary=self.vocab, text_bank=self.bank, meta=self._meta(stage))
+                               vocabulary=self.vocab, text_bank=self.bank, meta=self._meta(stage),
+                               dense=dense)
 
     def _save_training_checkpoint(self, stage: str) -> None:
         """Periodic checkpoint: model file + resume sidecar (rank 0; every rank's RNG gathered)."""
@@ -275,13 +283,17 @@ class Trainer:
                                                             pt.patch_features)))
 
     # ------------------------------------------------------------------ self-training
-    def _calibration_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    def _calibration_batches(self) -> Iterator[tuple[Tensor, Tensor | None, CameraFeatures | None]]:
         n = min(self.cfg.self_training.calibration_frames, len(self.train_set))  # type: ignore[arg-type]
         for i in range(n):
             frame = self.train_set[i]
             points = torch.as_tensor(frame.points, dtype=torch.float32, device=self.device)
             labels = None if frame.labels is None else torch.from_numpy(frame.labels)
-            yield points, torch.zeros(points.shape[0], dtype=torch.long, device=self.device), labels
+            camera = None
+            if self.model_cfg.fusion and self.teacher is not None and frame.cameras:
+                with torch.no_grad():
+                    camera = camera_features(self.teacher, frame, self.text)
+            yield points, labels, camera
 
     def _enter_self_training(self) -> None:
         """Freeze the stage-1 model (current weights, or the saved stage-1 model after a resume) and
@@ -306,14 +318,30 @@ class Trainer:
         if stage.name == CLIP_GUIDED:
             return clip_guided_targets(gt, pt, self.text, self.cfg.pseudo, self.space, points.shape[0])
         assert self.frozen is not None
+        camera = None if pt is None else CameraFeatures(pt.features, pt.visible)
+        allowed = self.space.unlabelled_candidates(self.cfg.pseudo.restrict_to_unseen)
         with torch.no_grad(), self._autocast():
-            out = self.frozen(points, batch_index)
-            logits = self.frozen.logits(out.features.float(), self.text)
+            prediction = predict(self.frozen, points, self.text, batch_index=batch_index, camera=camera,
+                                 allowed=allowed)
         fallback = None
         if self.cfg.self_training.keep_teacher_labels and pt is not None and self.cfg.pseudo.enabled:
             fallback = teacher_labels(pt, self.text, self.cfg.pseudo, self.space)
-        return self_training_targets(gt, logits, out.valid, self.thresholds, self.cfg.self_training,
-                                     self.space, self.cfg.pseudo.restrict_to_unseen, fallback)
+        return self_training_targets(gt, prediction, self.thresholds, self.cfg.self_training, self.space,
+                                     fallback)
+
+    def _camera_input(self, pt: PointTargets | None, batch_index: Tensor, frames: int,
+                      gen: torch.Generator) -> CameraFeatures | None:
+        """Fusion input of a training batch: the teacher's frozen features where a camera sees the
+        point (what the segmenter feeds at inference), each frame losing all of them with
+        probability `fusion.camera_dropout` (so a camera failure is something the model has seen)."""
+        if not self.model_cfg.fusion or pt is None:
+            return None
+        mask = pt.visible.to(self.device)
+        p = self.cfg.fusion.camera_dropout
+        if p > 0:
+            dropped = (torch.rand(frames, generator=gen) < p).to(self.device)
+            mask = mask & ~dropped[batch_index]
+        return CameraFeatures(pt.features.to(self.device), mask)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_amp:
@@ -330,10 +358,18 @@ class Trainer:
         gen = torch.Generator().manual_seed(
             (self.cfg.trainer.seed * 1_000_003 + self.iteration * 7919 + self.info.rank) % 2**63)
         aug = augment_points(points, batch_index, len(frames), self.cfg.augment, gen)
+        camera = self._camera_input(pt, batch_index, len(frames), gen)
         self.model.train()
         with self._autocast():
-            out = self.model(aug, batch_index)
-        parts = method_loss(self.bare, out.features, out.valid, targets, pt, self.text, self.cfg.loss, gen)
+            if camera is None:
+                out = self.model(aug, batch_index)
+            else:
+                out = self.model(aug, batch_index, camera.features, camera.mask)
+        features = out.features.float()
+        labels = torch.where(out.valid, targets.labels.to(features.device), IGNORE_INDEX)
+        inputs = LossInputs(features=features, valid=out.valid, labels=labels, text=self.text,
+                            logits=self.bare.logits(features, self.text), point_targets=pt, generator=gen)
+        parts = combine_losses(self.loss_terms, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.total).backward()
         if self.cfg.optim.grad_clip:
@@ -344,6 +380,7 @@ class Trainer:
         self.scheduler.step()
 
         scalars = dict(parts.scalars)
+        scalars["temperature"] = float(self.bare.temperature.detach())
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
         scalars.update(targets.fractions())
         if gt_full is not None:
@@ -365,11 +402,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
-        predictor = model_predictor(self.bare, self.text, self.device)
-        report = evaluate({"model": predictor}, self.val_set, self.split.classes, self.split.unseen_ids,
-                          info=self.info, progress=self.cfg.trainer.progress)["model"]
+        e = self.cfg.evaluation
+        predictor = FramePredictor(self.bare, self.text, self.device, score_threshold=e.score_threshold,
+                                   teacher=self.teacher if e.cameras else None)
+        metrics = evaluate({"model": predictor}, self.val_set, self.split.classes, self.split.unseen_ids,
+                           metrics=e.metrics, info=self.info, progress=self.cfg.trainer.progress)["model"]
         self.model.train()
-        return {**summary(report), "report": report.to_dict()}
+        semantic = metrics.get("semantic")
+        report = semantic.report().to_dict() if isinstance(semantic, SemanticMetric) else None
+        return {**summary(metrics), "report": report}
 
     # ------------------------------------------------------------------ main loop
     def fit(self, stop_at: int | None = None) -> TrainResult:
@@ -442,4 +483,5 @@ class Trainer:
         result = self._log_eval(monitor, stage.name)
         if self.info.is_main:
             self._save_model(self.out_dir / f"stage_{stage.name}.pt", stage.name)
-            (self.out_dir / f"eval_{stage.name}.json").write_text(json.dumps(result["report"], indent=2))
+            if result["report"] is not None:
+                (self.out_dir / f"eval_{stage.name}.json").write_text(json.dumps(result["report"], indent=2))

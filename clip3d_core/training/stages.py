@@ -2,8 +2,9 @@
 
 - CLIP-guided (stage 1): seen-class ground truth where present; elsewhere the 2D teacher's
   confidence-filtered pseudo label (zero-shot: unseen-class GT is hidden first, and a point
-  without seen GT keeps a teacher label only if it names an unseen class). Loss = CE(cos(F3d, text) / tau)
-  + w_sem * semantic MCFA + w_spa * spatial MCFA.
+  without seen GT keeps a teacher label only if it names an unseen class). Loss = the configured
+  terms (`clip3d_core.losses.registry`; by default CE(cos(F3d, text) / tau) + semantic MCFA +
+  spatial MCFA).
 - Self-training (stage 2): a frozen copy of the stage-1 model labels the points without GT where
   it is confident (per-class thresholds calibrated on training frames); training continues with
   the same loss.
@@ -17,15 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from clip3d_core.losses import (
-    IGNORE_INDEX,
-    class_frequency_weights,
-    masked_cross_entropy,
-    semantic_alignment_loss,
-    spatial_alignment_loss,
-)
+from clip3d_core.labels import IGNORE_INDEX
+from clip3d_core.model import Clip3DNet
+from clip3d_core.predictor import CameraFeatures, Prediction, predict
 from clip3d_core.pseudo_labels import (
     merge_labels,
     per_class_thresholds,
@@ -33,7 +30,7 @@ from clip3d_core.pseudo_labels import (
     self_training_labels,
 )
 from clip3d_core.teacher import PointTargets
-from clip3d_core.training.config import LossConfig, PseudoConfig, SelfTrainingConfig, TrainConfig
+from clip3d_core.training.config import PseudoConfig, SelfTrainingConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +119,9 @@ def _targets(gt: Tensor | None, filled: Tensor, fill_source: int) -> Targets:
 
 def teacher_labels(point_targets: PointTargets, text: Tensor, cfg: PseudoConfig, space: LabelSpace) -> Tensor:
     """Teacher pseudo labels of a batch (-1 where invisible or not confident)."""
-    rule = cfg.labels
     allowed = space.unlabelled_candidates(cfg.restrict_to_unseen)
-    if allowed is not None:
-        rule = type(rule)(**{**rule.__dict__, "restrict_to": allowed})
     return point_pseudo_labels(point_targets.features, point_targets.visible, text.to(point_targets.features),
-                               rule).labels
+                               cfg.labels, restrict_to=allowed).labels
 
 
 def clip_guided_targets(
@@ -147,32 +141,24 @@ def clip_guided_targets(
     return _targets(None if gt is None else gt.to(pseudo.device), pseudo, SOURCE_TEACHER)
 
 
-def restricted_logits(logits: Tensor, allowed: tuple[int, ...] | None) -> Tensor:
-    """Logits with the classes outside `allowed` at -inf (the softmax then runs over `allowed`)."""
-    if allowed is None:
-        return logits
-    mask = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-    mask[list(allowed)] = False
-    return logits.masked_fill(mask, float("-inf"))
-
-
 def self_training_targets(
     gt: Tensor | None,
-    logits: Tensor,
-    valid: Tensor,
+    prediction: Prediction,
     thresholds: Tensor | None,
     cfg: SelfTrainingConfig,
     space: LabelSpace,
-    restrict: bool,
     fallback: Tensor | None = None,
 ) -> Targets:
-    """Stage-2 labels: allowed GT, else the stage-1 model's confident prediction (among the classes
-    a point without GT can be), else (optionally) the teacher's pseudo label `fallback`."""
+    """Stage-2 labels: allowed GT, else the stage-1 model's confident prediction (`predict` with
+    ``allowed`` = the classes a point without GT can be), else (optionally) the teacher's pseudo
+    label `fallback`."""
+    assert prediction.logits is not None
+    logits = prediction.logits
     gt = space.training_gt(gt)
     gt = None if gt is None else gt.to(logits.device)
     own = self_training_labels(
-        restricted_logits(logits.float(), space.unlabelled_candidates(restrict)),
-        valid=valid,
+        logits.float(),
+        valid=prediction.valid,
         top_fraction=None,
         min_confidence=cfg.min_confidence,
         class_thresholds=None if thresholds is None else thresholds.to(logits.device),
@@ -187,8 +173,8 @@ def self_training_targets(
 
 @torch.no_grad()
 def calibrate_thresholds(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
+    model: Clip3DNet,
+    batches: Iterable[tuple[Tensor, Tensor | None, CameraFeatures | None]],
     text: Tensor,
     cfg: SelfTrainingConfig,
     space: LabelSpace,
@@ -196,14 +182,13 @@ def calibrate_thresholds(
 ) -> Tensor:
     """Per-class confidence thresholds of the frozen stage-1 model: the (1 - top_fraction)
     quantile of each class's confidences over the points without allowed GT, floored at
-    `min_confidence`. `batches` yields (points, batch_index, gt) on the model's device."""
+    `min_confidence`. `batches` yields one frame's (points, gt, camera features) on the model's
+    device; the model runs as it does in self-training (`predict`, fused where it has fusion)."""
     labels_all, conf_all = [], []
-    for points, batch_index, gt in batches:
-        out = model(points, batch_index)
-        logits = model.logits(out.features.float(), text)
-        logits = restricted_logits(logits, space.unlabelled_candidates(restrict))
-        conf, labels = logits.softmax(1).max(1)
-        keep = out.valid
+    for points, gt, camera in batches:
+        pred = predict(model, points, text, camera=camera, allowed=space.unlabelled_candidates(restrict))
+        conf, labels = pred.scores, pred.labels
+        keep = pred.valid.clone()
         gt = space.training_gt(gt)
         if gt is not None:
             keep &= gt.to(keep.device) < 0
@@ -213,52 +198,3 @@ def calibrate_thresholds(
     conf = torch.cat(conf_all) if conf_all else torch.zeros(0)
     thresholds = per_class_thresholds(labels, conf, space.num_classes, cfg.top_fraction)
     return thresholds.clamp(min=cfg.min_confidence)
-
-
-@dataclass
-class LossParts:
-    total: Tensor
-    scalars: dict[str, float]
-
-
-def method_loss(
-    model: nn.Module,
-    features: Tensor,
-    valid: Tensor,
-    targets: Targets,
-    point_targets: PointTargets | None,
-    text: Tensor,
-    cfg: LossConfig,
-    generator: torch.Generator | None = None,
-) -> LossParts:
-    """CE on cos(F3d, text) / tau + w_sem * semantic MCFA + w_spa * spatial MCFA.
-
-    `model` is the bare network (its `logits` applies the learnable temperature)."""
-    features = features.float()
-    labels = torch.where(valid, targets.labels.to(features.device), IGNORE_INDEX)
-    logits = model.logits(features, text)
-    weight = None
-    if cfg.class_balance > 0:
-        weight = class_frequency_weights(labels, text.shape[0], power=cfg.class_balance).to(features.device)
-    ce = masked_cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, class_weight=weight)
-    total = cfg.w_ce * ce
-    scalars = {"loss/ce": float(ce.detach()), "temperature": float(model.temperature.detach())}
-    if point_targets is not None and cfg.w_sem > 0:
-        f2d = point_targets.features.to(features.device)
-        labels2d = torch.where(point_targets.visible.to(labels.device), labels, IGNORE_INDEX)
-        sem = semantic_alignment_loss(
-            features, labels, f2d, labels2d, num_classes=text.shape[0], temperature=cfg.mcfa_temperature,
-            balance=cfg.semantic_balance,
-        )
-        total = total + cfg.w_sem * sem
-        scalars["loss/semantic"] = float(sem.detach())
-    if point_targets is not None and cfg.w_spa > 0:
-        index = torch.where(valid, point_targets.patch_index.to(features.device), -1)
-        spa = spatial_alignment_loss(
-            features, index, point_targets.patch_features.to(features.device),
-            temperature=cfg.mcfa_temperature, max_pairs=cfg.spatial_pairs, generator=generator,
-        )
-        total = total + cfg.w_spa * spa
-        scalars["loss/spatial"] = float(spa.detach())
-    scalars["loss"] = float(total.detach())
-    return LossParts(total, scalars)

@@ -1,46 +1,97 @@
-"""Evaluation loops: run a predictor over held-out frames (with full ground truth) and accumulate
-one confusion matrix, sharded over DDP processes and summed."""
+"""Evaluation loops: run predictors over held-out frames (with full ground truth) and update the
+configured metrics, sharded over DDP processes and merged.
+
+A predictor maps a frame to a `Prediction`. `FramePredictor` is the model's: the same `predict`
+the segmenter runs, with the frame's camera features for fusion models and the score threshold,
+so the numbers describe what ships."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clip3d_core.checkpoint import load_checkpoint
 from clip3d_core.clip import load_clip
+from clip3d_core.clip.dense import DenseClipEncoder
 from clip3d_core.data import Frame, ZeroShotSplit
-from clip3d_core.evaluation import ConfusionMatrix, EvaluationReport
 from clip3d_core.geometry import project_points
+from clip3d_core.labels import IGNORE_INDEX
+from clip3d_core.metrics import (
+    GroundTruth,
+    Metric,
+    MetricConfig,
+    MetricContext,
+    build_metrics,
+    default_metrics_config,
+    merged_results,
+)
+from clip3d_core.model import Clip3DNet
+from clip3d_core.predictor import CameraFeatures, Prediction, predict
 from clip3d_core.pseudo_labels import classify
-from clip3d_core.teacher import Teacher, frame_point_targets
+from clip3d_core.teacher import ClipTeacher, Teacher, frame_point_targets
 from clip3d_core.training.config import TrainConfig
-from clip3d_core.training.data import build_datasets, build_split, build_text, build_vocabulary
+from clip3d_core.training.data import (
+    build_datasets,
+    build_split,
+    build_teacher,
+    build_text,
+    build_vocabulary,
+)
 from clip3d_core.training.distributed import DistInfo, all_reduce_sum_
 
 log = logging.getLogger(__name__)
 
-# frame -> predicted class per point (-1 = no prediction), numpy or tensor [N]
-Predictor = Callable[[Frame], "Tensor | np.ndarray"]
+Predictor = Callable[[Frame], Prediction]
 
 
-def model_predictor(model: nn.Module, text: Tensor, device: torch.device) -> Predictor:
-    """Argmax of cos(F3d, text) per point; points outside the model's range get no prediction."""
+def camera_features(teacher: Teacher, frame: Frame, text: Tensor,
+                    select: Tensor | None = None) -> CameraFeatures:
+    """The teacher's CLIP features at the frame's points (`frame_point_targets`) as fusion input."""
+    _, targets = frame_point_targets(teacher, frame, text, select=None if select is None else select.cpu())
+    return CameraFeatures(targets.features, targets.visible)
+
+
+class FramePredictor:
+    """The model on one frame, as the segmenter runs it: `predict` with the frame's camera features
+    (fusion models with a ``teacher``; the segmenter's is `ClipTeacher`) and ``score_threshold``."""
+
+    def __init__(self, model: Clip3DNet, text: Tensor, device: torch.device, *,
+                 teacher: Teacher | None = None, score_threshold: float | None = None) -> None:
+        self.model, self.text, self.device = model, text, device
+        self.teacher = teacher if model.fusion is not None else None
+        self.score_threshold = score_threshold
 
     @torch.no_grad()
-    def predict(frame: Frame) -> Tensor:
-        points = torch.as_tensor(frame.points, dtype=torch.float32, device=device)
-        out = model(points)
-        labels = model.logits(out.features.float(), text).argmax(1)
-        return torch.where(out.valid, labels, -1).cpu()
+    def __call__(self, frame: Frame) -> Prediction:
+        points = torch.as_tensor(frame.points, dtype=torch.float32, device=self.device)
+        camera = None
+        if self.teacher is not None and frame.cameras:
+            camera = _FrameCameras(self.teacher, frame, self.text)
+        return predict(self.model, points, self.text, camera=camera, score_threshold=self.score_threshold)
 
-    return predict
+
+@dataclass
+class _FrameCameras:
+    """A dataset frame's camera features for `predict` (`frame_point_targets` at the valid points)."""
+
+    teacher: Teacher
+    frame: Frame
+    text: Tensor
+
+    def start(self) -> None:
+        pass
+
+    def features(self, valid: Tensor) -> CameraFeatures:
+        return camera_features(self.teacher, self.frame, self.text, valid)
 
 
 def teacher_predictor(teacher: Teacher, text: Tensor, temperature: float = 0.01) -> Predictor:
@@ -48,12 +99,15 @@ def teacher_predictor(teacher: Teacher, text: Tensor, temperature: float = 0.01)
     camera sees get no prediction."""
 
     @torch.no_grad()
-    def predict(frame: Frame) -> Tensor:
+    def run(frame: Frame) -> Prediction:
         _, targets = frame_point_targets(teacher, frame, text)
-        labels, _ = classify(targets.features, text.to(targets.features), temperature=temperature)
-        return torch.where(targets.visible, labels, -1).cpu()
+        labels, conf = classify(targets.features, text.to(targets.features), temperature=temperature)
+        visible = targets.visible
+        return Prediction(features=targets.features, logits=None,
+                          labels=torch.where(visible, labels, IGNORE_INDEX),
+                          scores=torch.where(visible, conf, torch.zeros_like(conf)), valid=visible)
 
-    return predict
+    return run
 
 
 def camera_visible(frame: Frame) -> Tensor:
@@ -66,60 +120,85 @@ def camera_visible(frame: Frame) -> Tensor:
 
 
 def evaluate(
-    predictors: dict[str, Predictor],
+    predictors: Mapping[str, Predictor],
     dataset: Dataset[Frame],
     class_names: Sequence[str],
     unseen: Sequence[int],
     *,
+    metrics: Mapping[str, MetricConfig] | None = None,
     info: DistInfo | None = None,
     visible_only: bool = False,
     progress: bool = False,
-) -> dict[str, EvaluationReport]:
-    """One report per predictor over every frame of `dataset` (each process takes every
-    world_size-th frame; confusion matrices are summed). `visible_only`: score only points a camera
-    sees (the region a 2D teacher can label)."""
+) -> dict[str, dict[str, Metric]]:
+    """Per predictor, the configured metrics (default: "semantic") over every frame of `dataset`
+    (each process takes every world_size-th frame; the metrics' states are summed over processes).
+    `visible_only`: score only points a camera sees (the region a 2D teacher can label)."""
     info = info or DistInfo()
-    matrices = {name: ConfusionMatrix(len(class_names)) for name in predictors}
+    context = MetricContext(tuple(class_names), tuple(unseen))
+    entries = metrics if metrics is not None else default_metrics_config()
+    results = {name: build_metrics(entries, context) for name in predictors}
     indices = range(info.rank, len(dataset), info.world_size)  # type: ignore[arg-type]
     for i in tqdm(indices, desc="evaluate", disable=not (progress and info.is_main), leave=False):
         frame = dataset[i]
-        if frame.labels is None:
-            raise ValueError(f"evaluation frame {frame.frame_id} has no labels")
-        target = torch.from_numpy(frame.labels)
-        if visible_only:
-            target = torch.where(camera_visible(frame), target, -1)
-        for name, predict in predictors.items():
-            matrices[name].update(predict(frame), target)
-    reports = {}
-    for name, cm in matrices.items():
-        all_reduce_sum_(cm.counts, info)
-        reports[name] = cm.report(list(class_names), unseen=list(unseen))
-    return reports
+        truth = GroundTruth.from_frame(frame, camera_visible(frame) if visible_only else None)
+        for name, run in predictors.items():
+            prediction = run(frame)
+            for metric in results[name].values():
+                metric.update(prediction, truth)
+    for per_predictor in results.values():
+        for metric in per_predictor.values():
+            for tensor in metric.state():
+                all_reduce_sum_(tensor, info)
+    return results
 
 
-def load_for_evaluation(
-    checkpoint: str | Path, cfg: TrainConfig, device: torch.device
-) -> tuple[nn.Module, Tensor, ZeroShotSplit, Dataset[Frame], Dataset[Frame]]:
-    """(model in eval mode, text [C, D], split, training frames, evaluation frames).
+@dataclass
+class EvaluationInputs:
+    """A checkpoint made ready for `evaluate` with a training config's data section."""
+
+    model: Clip3DNet
+    text: Tensor  # [C, D]
+    split: ZeroShotSplit
+    train_set: Dataset[Frame]
+    val_set: Dataset[Frame]
+    teacher: Teacher | None  # camera features for a fusion model (None: LiDAR only)
+
+
+def load_for_evaluation(checkpoint: str | Path, cfg: TrainConfig, device: torch.device, *,
+                        cameras: bool = True) -> EvaluationInputs:
+    """Load the model (eval mode), its text embeddings, the split and the frames.
 
     Text embeddings come from the checkpoint's own bank when it covers the vocabulary (exactly
     the vectors it was trained against), else from its CLIP's text tower with the config's
-    templates."""
+    templates. A fusion model gets (with ``cameras``) the camera features the segmenter would give
+    it: dense CLIP made as its checkpoint records (`Checkpoint.dense`), or the config's simulated
+    teacher on synthetic frames."""
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model(device)
     split = build_split(cfg.data)
     vocab = build_vocabulary(cfg, split)
     phrases = [s for e in vocab.entries for s in e.synonyms]
+    loaded = None
     if ckpt.text_bank is not None and all(p in ckpt.text_bank for p in phrases):
         text = ckpt.text_bank.lookup(vocab)
     else:
         loaded = load_clip(ckpt.clip_config, device)
         ckpt.check_identity(loaded.identity, "the CLIP loaded for the text embeddings")
         text, _ = build_text(cfg, loaded, vocab)
+    teacher = None
+    if cameras and ckpt.model_config.fusion:
+        if loaded is None:
+            loaded = load_clip(ckpt.clip_config, device)
+            ckpt.check_identity(loaded.identity, "the CLIP loaded for the image features")
+        if cfg.teacher.kind == "simulated":
+            teacher = build_teacher(cfg.teacher, loaded)
+        else:
+            dense = DenseClipEncoder(loaded, ckpt.dense.last_block)
+            teacher = ClipTeacher(dense, short_side=ckpt.dense.short_side)
     train, val = build_datasets(cfg.data, split)
-    return model, text.to(device), split, train, val
+    return EvaluationInputs(model, text.to(device), split, train, val, teacher)
 
 
-def summary(report: EvaluationReport) -> dict[str, float | None]:
-    return {"miou": report.miou, "miou_seen": report.miou_seen, "miou_unseen": report.miou_unseen,
-            "hiou": report.hiou, "accuracy": report.accuracy}
+def summary(metrics: Mapping[str, Metric]) -> dict[str, Any]:
+    """The metrics' results in one flat dict (mIoU, seen, unseen, hIoU, accuracy, ...)."""
+    return merged_results(metrics)

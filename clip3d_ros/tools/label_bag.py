@@ -7,7 +7,15 @@ Writes what the node publishes, under the node's topic names by default:
   /clip3d/labels_meta      std_msgs/String JSON per cloud: stamp, vocabulary version, cameras used
 Cameras (`--camera IMAGE_TOPIC INFO_TOPIC`, repeatable) are matched to each cloud by nearest header
 stamp within `--slop`; their LiDAR->camera extrinsics come from the bag's /tf_static. Images are
-used by fusion models only. `--copy` / `--copy-all` carry input topics over unchanged.
+used by fusion models only. `--copy` / `--copy-all` carry input topics over unchanged. Output
+bags are MCAP (the rosbag2 default since Iron) unless `--storage` says otherwise.
+
+Fleet scale: the inputs are bags or folders of bags. One input bag -> OUTPUT is the new bag;
+otherwise OUTPUT is a folder receiving one labelled bag per input bag, under its name. Bags are
+sharded over processes: under `torchrun` (RANK / WORLD_SIZE; `--device cuda` becomes
+`cuda:$LOCAL_RANK`) or `--shard I/N`, process I labels bags I, I + N, ... of the sorted list.
+Each bag is written to `NAME.partial` and renamed when complete, so a killed run, started again
+with the same arguments, skips the finished bags and redoes only the interrupted ones.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import argparse
 import bisect
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,7 +76,7 @@ class LabelOptions:
     slop: float = 0.05  # seconds between a cloud and an image that still match
     copy_topics: Sequence[str] = ()
     copy_all: bool = False
-    storage: str | None = None  # None = the input bag's
+    storage: str = "mcap"
     max_frames: int | None = None
     progress: bool = True
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -141,7 +151,7 @@ class BagLabeller:
                 if opts.copy_all
                 else (bag.connections_for(reader, opts.copy_topics) if opts.copy_topics else [])
             )
-            storage = opts.storage or bag.storage_of(in_path)
+            storage = opts.storage
             vocab = self.segmenter.vocabulary
             with bag.BagWriter(out_path, storage) as writer:
                 writer.add_topic(opts.output_topic, bag.T_CLOUD)
@@ -279,10 +289,90 @@ class BagLabeller:
         )
 
 
+# ------------------------------------------------------------------------------------------ fleet
+PARTIAL = ".partial"
+
+
+def find_bags(inputs: Sequence[str | Path]) -> list[Path]:
+    """Bag folders (with metadata.yaml) among `inputs`, and inside the folders given; sorted, so
+    every process of a sharded run sees the same list."""
+    found = []
+    for item in map(Path, inputs):
+        if (item / "metadata.yaml").is_file():
+            found.append(item)
+        elif item.is_dir():
+            found += [
+                d for d in item.iterdir() if (d / "metadata.yaml").is_file() and not d.name.endswith(PARTIAL)
+            ]
+        else:
+            raise bag.BagError(f"{item}: neither a rosbag2 folder nor a folder of them")
+    bags = sorted(set(found), key=lambda b: (b.name, str(b)))  # by name: the output names
+    if not bags:
+        raise bag.BagError(f"no rosbag2 folder in {[str(i) for i in inputs]}")
+    names = [b.name for b in bags]
+    if len(set(names)) != len(names):
+        raise bag.BagError(f"two input bags share a name (their outputs would collide): {names}")
+    return bags
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, spec: str | None = None) -> Shard:
+        """`--shard I/N` when given, else torchrun's RANK / WORLD_SIZE, else the whole list."""
+        if spec:
+            rank, world = (int(x) for x in spec.split("/"))
+        else:
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {rank}/{world}: need 0 <= rank < world size")
+        return cls(rank, world)
+
+    def mine(self, bags: Sequence[Path]) -> list[Path]:
+        return [b for i, b in enumerate(bags) if i % self.world == self.rank]
+
+
+def label_bags(
+    labeller: BagLabeller, inputs: Sequence[str | Path], output: str | Path, shard: Shard = Shard()
+) -> dict[str, LabelStats | None]:
+    """Label this shard's bags of `inputs` (see the module docstring for OUTPUT and resuming).
+    Returns bag name -> stats (None: finished by an earlier run, skipped)."""
+    output = Path(output)
+    bags = find_bags(inputs)
+    single = len(inputs) == 1 and len(bags) == 1 and bags[0] == Path(inputs[0])
+    done: dict[str, LabelStats | None] = {}
+    for in_path in shard.mine(bags):
+        final = output if single else output / in_path.name
+        if final.exists():
+            log.info("%s: already labelled in %s, skipped", in_path.name, final)
+            done[in_path.name] = None
+            continue
+        partial = final.with_name(final.name + PARTIAL)
+        shutil.rmtree(partial, ignore_errors=True)  # a run killed while writing it
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        done[in_path.name] = labeller.run(in_path, partial)
+        partial.rename(final)
+    return done
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="input rosbag2 folder (sqlite3 or MCAP)")
-    parser.add_argument("output", help="new rosbag2 folder for the labelled bag (must not exist)")
+    parser.add_argument(
+        "inputs", nargs="+", help="input rosbag2 folders (sqlite3 or MCAP) and/or folders holding them"
+    )
+    parser.add_argument(
+        "output",
+        help="one input bag: the labelled bag's new folder; several: a folder for one labelled bag each",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="label bags I, I+N, ... (default: torchrun's RANK/WORLD_SIZE)",
+    )
     parser.add_argument("--checkpoint", required=True, help="clip3d checkpoint (.pt)")
     parser.add_argument(
         "--vocabulary",
@@ -317,14 +407,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--copy", nargs="+", default=[], metavar="TOPIC", help="input topics to copy unchanged"
     )
     parser.add_argument("--copy-all", action="store_true", help="copy every input topic but the cloud")
-    parser.add_argument("--storage", choices=sorted(bag.STORAGES), default=None, help="default: the input's")
+    parser.add_argument("--storage", choices=sorted(bag.STORAGES), default="mcap")
     parser.add_argument("--max-frames", type=int, default=None, help="label only the first N clouds")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=ImageLimits.max_pixels,
+        help="larger camera images are not used",
+    )
+    parser.add_argument(
+        "--max-image-aspect",
+        type=float,
+        default=ImageLimits.max_aspect,
+        help="nor images more elongated than this (long side / short side)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (default: torch's; 1 is fastest on a busy small CPU)",
     )
+
+
+def _report(stats: LabelStats) -> dict[str, Any]:
+    return {
+        "clouds": stats.clouds,
+        "labelled": stats.labelled,
+        "failed": stats.failed,
+        "label_counts": dict(stats.label_counts),
+        "cameras_used": dict(stats.cameras_used),
+        "copied": dict(stats.copied),
+        "issues": dict(stats.issues),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,30 +462,42 @@ def run(args: argparse.Namespace) -> int:
         copy_all=args.copy_all,
         storage=args.storage,
         max_frames=args.max_frames,
+        image_limits=ImageLimits(args.max_image_pixels, args.max_image_aspect),
     )
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     try:
+        shard = Shard.from_env(args.shard)
         segmenter = Segmenter.from_checkpoint(
             args.checkpoint,
-            args.device,
+            device,
             embedding_bank=args.embedding_bank,
             vocabulary=args.vocabulary,
             score_threshold=args.score_threshold,
         )
-        stats = BagLabeller(segmenter, options).run(args.input, args.output)
-    except (bag.BagError, CheckpointError, ClipLoadError, VocabularyError) as exc:
+        results = label_bags(BagLabeller(segmenter, options), args.inputs, args.output, shard)
+    except (bag.BagError, CheckpointError, ClipLoadError, VocabularyError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    print(
-        json.dumps(
-            {
-                "clouds": stats.clouds,
-                "labelled": stats.labelled,
-                "failed": stats.failed,
-                "label_counts": dict(stats.label_counts),
-                "cameras_used": dict(stats.cameras_used),
-                "copied": dict(stats.copied),
-            },
-            indent=2,
-        )
-    )
-    return 0 if stats.failed == 0 else 1
+    total = LabelStats()
+    for stats in results.values():
+        if stats is not None:
+            total.clouds += stats.clouds
+            total.labelled += stats.labelled
+            total.failed += stats.failed
+            for mine, theirs in (
+                (total.label_counts, stats.label_counts),
+                (total.cameras_used, stats.cameras_used),
+                (total.copied, stats.copied),
+                (total.issues, stats.issues),
+            ):
+                mine.update(theirs)
+    report = _report(total) | {
+        "shard": f"{shard.rank}/{shard.world}",
+        "bags": {
+            name: "skipped (done before)" if st is None else _report(st) for name, st in results.items()
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if total.failed == 0 else 1

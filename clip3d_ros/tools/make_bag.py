@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clip3d_core.clip.vocabulary import UNLABELLED, Vocabulary
+from clip3d_core.clip.vocabulary import Vocabulary
 from clip3d_core.data.frame import Frame
 from clip3d_core.data.synthetic.config import SyntheticConfig
 from clip3d_core.data.synthetic.dataset import SyntheticWorld
 from clip3d_core.geometry.camera import PinholeCamera
+from clip3d_core.labels import UNLABELLED
 from clip3d_ros import bag
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,33 @@
+"""Output-level term: cross-entropy on cos(F3d, text) / tau against the training labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from clip3d_core.losses.classification import class_frequency_weights, masked_cross_entropy
+from clip3d_core.losses.registry import LossInputs, register_loss
+
+
+@register_loss("ce")
+class CrossEntropyTerm:
+    @dataclass
+    class Options:
+        class_balance: float = 0.0  # class weights (n_c / n) ** -power per batch; 0 = unweighted
+        label_smoothing: float = 0.0
+
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def __call__(self, inputs: LossInputs) -> Tensor:
+        o = self.options
+        weight = None
+        if o.class_balance > 0:
+            weight = class_frequency_weights(inputs.labels, inputs.num_classes, power=o.class_balance)
+            weight = weight.to(inputs.features.device)
+        return masked_cross_entropy(inputs.logits, inputs.labels, label_smoothing=o.label_smoothing,
+                                    class_weight=weight)

@@ -1,0 +1,88 @@
+"""Open-vocabulary panoptic training and inference steps on collated frames (`collate_frames`).
+
+`PanopticTask` holds what a split fixes (base classes, base-stuff queries, thing mask, text) and the
+configured loss terms (`clip3d_core.losses.terms.panoptic`, weights in the `loss` list). The losses
+see base-class text and base-class segments only (`PanopticSplit.training_targets`), while
+`clip3d_core.predictor.predict_panoptic` scores every class of the vocabulary with the same cosine head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clip3d_core.data.panoptic import PanopticSplit
+from clip3d_core.labels import IGNORE_INDEX
+from clip3d_core.losses.panoptic import MatchingCost, PanopticLossState, base_class_index, voxel_targets
+from clip3d_core.losses.registry import (
+    LossInputs,
+    LossParts,
+    LossTermConfig,
+    build_loss_terms,
+    combine_losses,
+)
+from clip3d_core.losses.terms.panoptic import PANOPTIC_KEY, default_panoptic_loss
+from clip3d_core.model.panoptic import PanopticNet, point_embeddings
+from clip3d_core.teacher import PointTargets
+
+
+@dataclass
+class PanopticTask:
+    """A split's fixed training inputs. text: [C, D] one embedding per dataset class (label order)."""
+
+    split: PanopticSplit
+    text: Tensor
+    loss: Mapping[str, LossTermConfig] = field(default_factory=default_panoptic_loss)
+    matching: MatchingCost = field(default_factory=MatchingCost)
+
+    def __post_init__(self) -> None:
+        self.terms = build_loss_terms(self.loss)
+
+    @property
+    def base_text(self) -> Tensor:
+        return self.text[list(self.split.base_ids)]
+
+    @property
+    def stuff_classes(self) -> Tensor:
+        """Dataset class of each stuff query (the base stuff classes, in class order)."""
+        return torch.tensor(self.split.base_stuff_ids, dtype=torch.long)
+
+
+def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any],
+                    point_targets: PointTargets | None) -> LossParts:
+    """One forward pass and the configured loss terms of a collated batch (`combine_losses`; the
+    distillation terms run only with ``point_targets``, the frozen teacher's per-point CLIP features)."""
+    if batch["labels"] is None:
+        raise ValueError("panoptic training needs labelled frames")
+    points, batch_index = batch["points"], batch["batch_index"]
+    clip = None if point_targets is None else point_targets.features
+    seen = None if point_targets is None else point_targets.visible
+    out = model(points, batch_index, clip, seen)
+    labels, instances = batch["labels"].numpy(), batch["instances"]
+    instances = None if instances is None else instances.numpy()
+    targets, vclip, vmask, semantic = [], [], [], []
+    for b in range(batch["batch_size"]):
+        lo, hi = int(batch["offsets"][b]), int(batch["offsets"][b + 1])
+        t = task.split.training_targets(labels[lo:hi], None if instances is None else instances[lo:hi])
+        semantic.append(torch.from_numpy(t.semantic))
+        v0, v1 = int(out.voxel_offsets[b]), int(out.voxel_offsets[b + 1])
+        targets.append(voxel_targets(torch.from_numpy(t.segment), torch.from_numpy(t.segment_class),
+                                     out.sample_point_to_voxel(batch_index, b), v1 - v0))
+        if out.clip is not None:
+            vclip.append(out.clip[v0:v1])
+            vmask.append(out.clip_mask[v0:v1])
+    class_logits = model.class_logits(out, task.base_text)
+    base_index = base_class_index(task.split.num_classes, task.split.base_ids)
+    state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
+                                      task.stuff_classes, task.matching, vclip or None, vmask or None)
+    features = point_embeddings(out)
+    valid = out.vox.valid
+    inputs = LossInputs(features=features, valid=valid,
+                        labels=torch.where(valid, torch.cat(semantic), IGNORE_INDEX),
+                        text=task.text, logits=model.classifier(features, task.text),
+                        point_targets=point_targets, extras={PANOPTIC_KEY: state})
+    return combine_losses(task.terms, inputs)
