@@ -112,6 +112,9 @@ class SegmenterLike(Protocol):
     @property
     def vocabulary(self) -> Any: ...
 
+    @property
+    def panoptic(self) -> Any: ...  # PanopticInfo for panoptic models (output gains `instance`), else None
+
     def check_vocabulary(self, names: list[str]) -> None: ...
 
     def encode_vocabulary(self, names: list[str]) -> tuple[Any, Any]: ...
@@ -489,6 +492,7 @@ class Clip3DNode(Node):
             cameras,
             vocabulary=self.active_vocabulary,
             score_threshold=self.params.score_threshold or None,
+            panoptic=self._segmenter.panoptic is not None,
         )
         vocab, out = labelled.vocabulary, labelled.records
         t2 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Label a bag's LiDAR clouds offline into a new bag (rosbags only: no ROS runtime needed).
 
 Writes what the node publishes, under the node's topic names by default:
-  /clip3d/labelled_points  PointCloud2  x, y, z, [intensity], label (uint16), score, rgb; input header,
+  /clip3d/labelled_points  PointCloud2  x, y, z, [intensity], label (uint16), score, rgb, [instance
+                           (uint32, panoptic models)]; input header,
                            input point order and count
   /clip3d/vocabulary       std_msgs/String JSON vocabulary map (transient local)
   /clip3d/labels_meta      std_msgs/String JSON per cloud: stamp, vocabulary version, cameras used
@@ -275,7 +276,8 @@ class BagLabeller:
         lidar_frame = self.options.lidar_frame or msg.header.frame_id
         images, cameras, used, missing = self._images(reader, stamp, lidar_frame, cams, tf)
         frame = label_frame(
-            self.segmenter.segment, cloud, images, cameras, vocabulary=self.segmenter.vocabulary
+            self.segmenter.segment, cloud, images, cameras, vocabulary=self.segmenter.vocabulary,
+            panoptic=self.segmenter.panoptic is not None,
         )
         if frame.result is not None:
             stats.label_counts.update(frame.result.class_counts())
