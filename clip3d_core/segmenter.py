@@ -70,8 +70,9 @@ class SegmentationResult:
     """Per input point (input order): ``labels`` uint16 index into ``vocabulary`` (65535 =
     unlabelled), ``scores`` float32 softmax probability of that label (0 where invalid), ``valid``
     (finite and inside the model's range). ``timings_ms``: voxelise, backbone, [image], classify,
-    total. ``features`` [N, D] float32 only when asked for (``return_features=True``).
-    ``instances`` uint32 [N] for panoptic models only (0 = none / stuff; None otherwise)."""
+    total (panoptic: [voxelise, image], network, classify, total). ``features`` [N, D] float32
+    only when asked for (``return_features=True``). ``instances`` uint32 [N] for panoptic models
+    only (0 = none / stuff; None otherwise)."""
 
     labels: np.ndarray
     scores: np.ndarray

@@ -947,6 +947,40 @@ def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> No
         assert out == recorded  # header, height, width, fields, endianness, steps, is_dense
 
 
+def test_a_panoptic_model_publishes_the_instance_field(harness, tmp_path) -> None:
+    """A real (tiny, untrained) panoptic Segmenter in the node: the output cloud gains `instance`
+    uint32 after the semantic fields, equal to what `Segmenter.segment` gives for the points."""
+    from clip3d_core.checkpoint import build_untrained_checkpoint
+    from clip3d_core.clip import tiny_clip_config
+    from clip3d_core.model import ModelConfig
+    from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo
+    from clip3d_core.segmenter import Segmenter
+
+    head = PanopticHeadConfig(hidden=32, num_thing_queries=8, num_stuff_queries=2, num_layers=1, ffn=64,
+                              fusion=False)
+    names = ["road", "car", "pedestrian", "bus"]
+    path = build_untrained_checkpoint(tmp_path / "pan.pt", ModelConfig.small(embed_dim=32, voxel_size=0.4),
+                                      tiny_clip_config(), vocabulary=names,
+                                      panoptic=PanopticInfo(head, ("car", "pedestrian", "bus"), 5))
+    seg = Segmenter.from_checkpoint(path)
+    h = harness(seg, vocabulary=names)
+    rng = np.random.default_rng(4)
+    pts = np.zeros(3000, XYZI)
+    pts["x"], pts["y"] = rng.uniform(-15, 15, 3000), rng.uniform(-15, 15, 3000)
+    pts["z"], pts["intensity"] = rng.uniform(-1.7, 1.3, 3000), rng.uniform(0, 1, 3000)
+    msg = cv.array_to_cloud(pts)
+    msg.header.stamp, msg.header.frame_id = stamp(2000.0), "lidar"
+    out = h.publish_and_wait(msg, timeout=30.0)
+    assert [f.name for f in out.fields] == ["x", "y", "z", "intensity", "label", "score", "rgb", "instance"]
+    assert {f.name: f.datatype for f in out.fields}["instance"] == PointField.UINT32
+    got = cv.cloud_to_array(out)
+    want = seg.segment(cv.points_for_model(pts, "intensity"))
+    assert want.instances is not None and want.instances.max() > 0
+    # spconv on CPU sums in a thread-dependent order: an id may differ only at float ties
+    assert np.mean(got["instance"] == want.instances) > 0.999
+    assert np.mean(got["label"] == want.labels) > 0.999
+
+
 class _FakeTfBuffer:
     """tf2_ros.Buffer's lookup_transform: a fixed transform, or the exception tf2 raises when
     nothing is published; records the lookups."""
