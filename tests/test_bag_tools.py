@@ -469,18 +469,11 @@ def test_label_bag_cli_writes_node_compatible_output(
 def test_label_bag_writes_instances_for_a_panoptic_checkpoint(tmp_path: Path, drive_bag, capsys) -> None:
     """A panoptic checkpoint: the labelled clouds gain `instance` (uint32, the node's layout), equal to
     what `Segmenter.segment` gives for the same points."""
-    from clip3d_core.checkpoint import build_untrained_checkpoint
-    from clip3d_core.clip import tiny_clip_config
-    from clip3d_core.model.config import ModelConfig
-    from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo
     from clip3d_core.segmenter import Segmenter
+    from clip3d_core.testing import PANOPTIC_VOCABULARY, tiny_panoptic_checkpoint
 
-    head = PanopticHeadConfig(hidden=32, num_thing_queries=8, num_stuff_queries=2, num_layers=1, ffn=64,
-                              fusion=False)
-    vocabulary = ["road", "car", "pedestrian", "bus"]
-    ckpt = build_untrained_checkpoint(tmp_path / "pan.pt", ModelConfig.small(embed_dim=32, voxel_size=0.4),
-                                      tiny_clip_config(), vocabulary=vocabulary,
-                                      panoptic=PanopticInfo(head, ("car", "pedestrian", "bus"), 5))
+    vocabulary = list(PANOPTIC_VOCABULARY)
+    ckpt = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
     in_path, _ = drive_bag
     out = tmp_path / "labelled"
     rc = clip3d_main(["label-bag", str(in_path), str(out), "--checkpoint", str(ckpt),

@@ -11,28 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from clip3d_core.checkpoint import build_untrained_checkpoint
-from clip3d_core.clip import Vocabulary, tiny_clip_config
+from clip3d_core.clip import Vocabulary
 from clip3d_core.labels import UNLABELLED
-from clip3d_core.model import ModelConfig
-from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo, PanopticNet
+from clip3d_core.model.panoptic import PanopticNet
 from clip3d_core.predictor import predict_panoptic
 from clip3d_core.segmenter import Segmenter, thing_mask
+from clip3d_core.testing import PANOPTIC_THINGS, PANOPTIC_VOCABULARY, tiny_panoptic_checkpoint
 from clip3d_ros import conversions
 from clip3d_ros.labelling import DecodedCloud, label_frame
 
-D = 32  # the tiny random CLIP's width
-VOCAB = ["road", "car|automobile", "bus", "person|Pedestrian", "vegetation"]
-THINGS = ("car", "bus", "pedestrian", "bicycle")
+VOCAB = list(PANOPTIC_VOCABULARY)
+THINGS = PANOPTIC_THINGS
 MIN_POINTS = 5
-
-
-def panoptic_checkpoint(path: Path, *, fusion: bool = False) -> Path:
-    head = PanopticHeadConfig(hidden=32, num_thing_queries=8, num_stuff_queries=2, num_layers=1, ffn=64,
-                              fusion=fusion)
-    model = ModelConfig.small(embed_dim=D, voxel_size=0.4)  # 0.5 leaves the grid's deepest level no z cell
-    return build_untrained_checkpoint(path, model, tiny_clip_config(), vocabulary=VOCAB, seed=0,
-                                      panoptic=PanopticInfo(head, THINGS, MIN_POINTS))
 
 
 def cloud(n: int, seed: int) -> np.ndarray:
@@ -43,7 +33,7 @@ def cloud(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    return Segmenter.from_checkpoint(panoptic_checkpoint(tmp_path_factory.mktemp("pan") / "pan.pt"))
+    return Segmenter.from_checkpoint(tiny_panoptic_checkpoint(tmp_path_factory.mktemp("pan") / "pan.pt"))
 
 
 def test_thing_mask_matches_any_name_case_insensitively() -> None:
@@ -115,7 +105,7 @@ def test_fusion_head_reads_camera_features_through_the_camera_source(tmp_path: P
     change; without images the model runs LiDAR-only (its learned no-image vector)."""
     from clip3d_core.geometry import PinholeCamera
 
-    seg = Segmenter.from_checkpoint(panoptic_checkpoint(tmp_path / "fused.pt", fusion=True))
+    seg = Segmenter.from_checkpoint(tiny_panoptic_checkpoint(tmp_path / "fused.pt", fusion=True))
     pts = cloud(2000, 3)
     K = np.array([[60.0, 0.0, 64.0], [0.0, 60.0, 48.0], [0.0, 0.0, 1.0]])
     T = np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])

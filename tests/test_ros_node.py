@@ -950,18 +950,11 @@ def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> No
 def test_a_panoptic_model_publishes_the_instance_field(harness, tmp_path) -> None:
     """A real (tiny, untrained) panoptic Segmenter in the node: the output cloud gains `instance`
     uint32 after the semantic fields, equal to what `Segmenter.segment` gives for the points."""
-    from clip3d_core.checkpoint import build_untrained_checkpoint
-    from clip3d_core.clip import tiny_clip_config
-    from clip3d_core.model import ModelConfig
-    from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo
     from clip3d_core.segmenter import Segmenter
+    from clip3d_core.testing import PANOPTIC_VOCABULARY, tiny_panoptic_checkpoint
 
-    head = PanopticHeadConfig(hidden=32, num_thing_queries=8, num_stuff_queries=2, num_layers=1, ffn=64,
-                              fusion=False)
-    names = ["road", "car", "pedestrian", "bus"]
-    path = build_untrained_checkpoint(tmp_path / "pan.pt", ModelConfig.small(embed_dim=32, voxel_size=0.4),
-                                      tiny_clip_config(), vocabulary=names,
-                                      panoptic=PanopticInfo(head, ("car", "pedestrian", "bus"), 5))
+    names = list(PANOPTIC_VOCABULARY)
+    path = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
     seg = Segmenter.from_checkpoint(path)
     h = harness(seg, vocabulary=names)
     rng = np.random.default_rng(4)
