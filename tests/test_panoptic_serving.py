@@ -117,3 +117,24 @@ def test_fusion_head_reads_camera_features_through_the_camera_source(tmp_path: P
     assert "image" in fused.timings_ms and "image" not in plain.timings_ms
     assert fused.instances is not None and np.array_equal(fused.valid, plain.valid)
     assert not np.allclose(fused.features, plain.features)
+
+
+def test_segment_command_writes_instances(tmp_path: Path) -> None:
+    import json
+
+    from clip3d_core.cli import main
+    from clip3d_core.io import read_labels
+
+    ckpt = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
+    np.save(tmp_path / "cloud.npy", cloud(2000, 5))
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "cloud.npy"), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--log-level", "ERROR"]) == 0
+    instances = np.load(out / "instances.npy")
+    assert instances.dtype == np.uint32 and instances.shape == (2000,) and instances.max() > 0
+    labels, packed_instances = read_labels(out / "labels.label", expected=2000)
+    np.testing.assert_array_equal(labels, np.load(out / "labels.npy"))
+    np.testing.assert_array_equal(packed_instances, instances)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["instances"] == len(np.unique(instances[instances > 0]))
+    assert "instances.npy" in summary["files"]
