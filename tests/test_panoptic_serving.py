@@ -84,6 +84,17 @@ def test_score_threshold_drops_labels_and_instances(seg: Segmenter) -> None:
     np.testing.assert_array_equal(part.instances[~low], full.instances[~low])
 
 
+def test_a_new_vocabulary_rescores_the_same_queries(seg: Segmenter) -> None:
+    """The vocabulary stays live: no thing class in it -> no instance; things only -> ids wherever
+    a segment survives."""
+    pts = cloud(1500, 6)
+    stuff = seg.segment(pts, vocabulary=["road", "vegetation", "building"])
+    assert (stuff.instances == 0).all() and (stuff.labels != UNLABELLED).any()
+    things = seg.segment(pts, vocabulary=["car", "bus|coach"])
+    kept = things.labels != UNLABELLED
+    assert kept.any() and (things.instances[kept] > 0).all() and (things.instances[~kept] == 0).all()
+
+
 def test_label_frame_carries_instances_into_the_cloud(seg: Segmenter) -> None:
     pts = cloud(2000, 2)
     frame = label_frame(seg.segment, DecodedCloud(pts, True, 1), [], [], vocabulary=seg.vocabulary,
