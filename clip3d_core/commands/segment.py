@@ -200,6 +200,7 @@ def _write(
             result.vocabulary,
             extent=(-r, -r, r, r),
             title=title,
+            instances=result.instances,
         )
     ]
     if images:
