@@ -496,6 +496,14 @@ def test_label_bag_writes_instances_for_a_panoptic_checkpoint(tmp_path: Path, dr
         assert result.instances is not None and result.instances.max() > 0
         # spconv on CPU sums in a thread-dependent order: an id may differ only at float ties
         assert np.mean(rec_out["instance"] == result.instances) > 0.999
+    # /clip3d/objects: per cloud the node's MarkerArray (DELETEALL, then a cube + a text per instance)
+    objects = read_all(out)["/clip3d/objects"]
+    assert len(objects) == 3
+    for (_, cloud_out), (_, arr) in zip(clouds, objects):
+        ids = np.unique(conversions.cloud_to_array(cloud_out)["instance"])
+        clear, *rest = arr.markers
+        assert clear.action == 3 and len(rest) == 2 * int((ids > 0).sum())
+        assert sorted({m.id for m in rest}) == [int(i) for i in ids[ids > 0]]
 
 
 def test_label_bag_skips_bad_clouds_and_keeps_going(

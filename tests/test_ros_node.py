@@ -29,6 +29,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
+from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
 from clip3d_core.clip import Vocabulary, VocabularyError  # noqa: E402
 from clip3d_ros import conversions as cv  # noqa: E402
@@ -957,6 +958,10 @@ def test_a_panoptic_model_publishes_the_instance_field(harness, tmp_path) -> Non
     path = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
     seg = Segmenter.from_checkpoint(path)
     h = harness(seg, vocabulary=names)
+    objects: list[MarkerArray] = []
+    h.peer.create_subscription(MarkerArray, f"{h.ns}/clip3d/output/objects", h._add(objects),
+                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    assert wait_for(lambda: h.node._objects_pub.get_subscription_count() > 0, 10)
     rng = np.random.default_rng(4)
     pts = np.zeros(3000, XYZI)
     pts["x"], pts["y"] = rng.uniform(-15, 15, 3000), rng.uniform(-15, 15, 3000)
@@ -972,6 +977,13 @@ def test_a_panoptic_model_publishes_the_instance_field(harness, tmp_path) -> Non
     # spconv on CPU sums in a thread-dependent order: an id may differ only at float ties
     assert np.mean(got["instance"] == want.instances) > 0.999
     assert np.mean(got["label"] == want.labels) > 0.999
+    # ~/output/objects: the frame's boxes (DELETEALL first), one cube + one text per instance id
+    assert wait_for(lambda: objects, 10), "no MarkerArray came back"
+    clear, *rest = objects[-1].markers
+    assert clear.action == Marker.DELETEALL and clear.header == out.header
+    cubes = sorted(m.id for m in rest if m.type == Marker.CUBE)
+    assert cubes == sorted(int(i) for i in np.unique(got["instance"][got["instance"] > 0]))
+    assert len(rest) == 2 * len(cubes)
 
 
 class _FakeTfBuffer:
