@@ -348,8 +348,10 @@ def build_untrained_checkpoint(
     vocabulary: Vocabulary | Sequence[str] | None = None,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
+    panoptic: PanopticInfo | None = None,
 ) -> Path:
-    """Save a randomly initialised model (deterministic from `seed`) paired with `clip_cfg`'s CLIP.
+    """Save a randomly initialised model (deterministic from `seed`) paired with `clip_cfg`'s CLIP;
+    a `PanopticNet` with ``panoptic``'s head when given.
 
     For tests, demos and benchmarks: its labels mean nothing. The CLIP is loaded once to record its
     identity (so `clip_cfg` must be loadable, e.g. ``tiny_clip_config()``)."""
@@ -363,7 +365,7 @@ def build_untrained_checkpoint(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Clip3DNet(model_cfg)
+        model = _network(model_cfg, panoptic)
     log.warning("writing an UNTRAINED checkpoint %s (random weights, seed %d)", path, seed)
     return save_checkpoint(
         path,
@@ -373,4 +375,5 @@ def build_untrained_checkpoint(
         identity,
         vocabulary=vocabulary,
         meta={"untrained": True, "seed": seed, **dict(meta or {})},
+        panoptic=panoptic,
     )

@@ -122,19 +122,35 @@ def predict_panoptic(
     *,
     min_points: int,
     batch_index: Tensor | None = None,
-    camera: CameraFeatures | None = None,
+    camera: CameraFeatures | CameraSource | None = None,
     name_class: Tensor | None = None,
+    score_threshold: float | None = None,
+    lap: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
     """A panoptic model's output per sample (one `Prediction` each, in ``batch_index`` order): labels
     and scores from the panoptic merge, instance ids (0 = stuff / none) in ``extras["instances"]``,
     features = the per-point embedding rebuilt from the queries, no logits.
 
     ``text`` [T, D] holds one row per name (``name_class`` [T] their classes; None = one per
-    class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped."""
+    class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped.
+    ``camera``: CLIP features at the points (or a `CameraSource` making them; it is asked for the
+    points inside the grid, known only after voxelising), used by fusion heads only. Points scoring
+    below ``score_threshold`` lose their label and instance. ``lap`` as in `predict`: "voxelise" and
+    "image" (when fused) before the network, "network" after the decoder."""
+    mark = lap or (lambda _stage: None)
     if batch_index is None:
         batch_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    if camera is not None and not model.cfg.head.fusion:
+        camera = None
+    if camera is not None and not isinstance(camera, CameraFeatures):
+        valid = model.voxelize(points, batch_index).valid
+        mark("voxelise")
+        camera.start()
+        camera = camera.features(valid)
+        mark("image")
     clip = None if camera is None else camera.features
     out = model(points, batch_index, clip, None if camera is None else camera.mask)
+    mark("network")
     logits = model.class_logits(out, text.to(out.class_embed), name_class, int(thing.shape[0]))
     features = point_embeddings(out)
     results = []
@@ -142,7 +158,12 @@ def predict_panoptic(
         sel = batch_index == b
         p2v = out.sample_point_to_voxel(batch_index, b)
         merged = panoptic_merge(out.mask_logits[b], logits[b], thing, p2v, min_points=min_points)
-        results.append(Prediction(features=features[sel], logits=None, labels=merged.semantic,
+        labels, instances = merged.semantic, merged.instance
+        if score_threshold is not None:
+            low = merged.score < score_threshold
+            labels = torch.where(low, IGNORE_INDEX, labels)
+            instances = torch.where(low, 0, instances)
+        results.append(Prediction(features=features[sel], logits=None, labels=labels,
                                   scores=merged.score, valid=out.vox.valid[sel],
-                                  extras={"instances": merged.instance}))
+                                  extras={"instances": instances}))
     return results

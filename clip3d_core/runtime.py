@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from clip3d_core.model import Clip3DNet, sparse_backend
+from clip3d_core.model.panoptic import PanopticNet
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +206,16 @@ class Runtime:
         return self.options.dtype
 
     # ------------------------------------------------------------------ networks
-    def prepare_model(self, model: Clip3DNet) -> Clip3DNet:
+    def prepare_model(self, model: Clip3DNet | PanopticNet) -> Clip3DNet | PanopticNet:
         """The model on the device, in eval mode, on the requested backend and precision (its
-        cosine classifier stays float32), dense parts compiled when asked; TF32 set."""
+        cosine classifier stays float32), dense parts compiled when asked (not for a
+        `PanopticNet`, whose query decoder is left eager); TF32 set."""
+        if isinstance(model, PanopticNet) and self.dtype != torch.float32:
+            raise RuntimeOptionError(f"precision {self.options.precision}: panoptic models run in fp32 only")
         current = model.backbone.backend
         backend = sparse_backend.for_device(self.device, self.options.backend, current)
         if backend != current:
-            rebuilt = Clip3DNet(model.cfg, backend=backend)
+            rebuilt = type(model)(model.cfg, backend=backend)
             rebuilt.load_state_dict(model.state_dict(), strict=True)  # same names on every backend
             log.info("model moved from the %s backend to %s for %s", current, backend, self.device)
             model = rebuilt
@@ -221,7 +225,9 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             sparse_backend.set_tf32(model.backbone.backend, True)
-        if self.options.compile:
+        if self.options.compile and isinstance(model, PanopticNet):
+            log.warning("compile: not applied to the panoptic decoder (runs eagerly)")
+        elif self.options.compile:
             parts: list[nn.Module] = [model.point_mlp, model.head]
             if model.fusion is not None:
                 parts.append(model.fusion)

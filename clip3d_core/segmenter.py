@@ -5,11 +5,17 @@ Used by the ROS node, `clip3d segment`, `clip3d bench` and offline bag labelling
     seg = Segmenter.from_checkpoint("model.pt", vocabulary=["car", "road", "person|pedestrian"])
     result = seg.segment(points)             # points: float [N, >=3] (x, y, z, intensity, ...)
     result.labels, result.scores             # uint16 [N] (65535 = unlabelled), float32 [N]
+    result.instances                         # uint32 [N] for panoptic checkpoints (0 = none/stuff)
 
 Guarantees: exactly one output per input point, in input order; non-finite or out-of-range points
 are unlabelled (65535) with score 0 and ``valid`` False. ``scores`` are the softmax probability of
 the chosen class over the current vocabulary at the model's temperature (so they depend on the
 vocabulary: a one-class vocabulary always scores 1).
+
+Panoptic checkpoints (`PanopticNet`) run through `predictor.predict_panoptic` instead: ``instances``
+holds an instance id per point (0 = none / stuff; ids 1..K per frame, not tracked across frames),
+``scores`` the sigmoid class score of the point's segment, and a vocabulary entry is a thing class
+when one of its names is among the checkpoint's thing names (`PanopticInfo.things`).
 
 The text side is swappable while frames are processed: `encode_vocabulary` (slow, any thread, no
 state change) then `swap_vocabulary` (instant, under a lock); each `segment` call reads one
@@ -43,8 +49,9 @@ from clip3d_core.clip import (
 from clip3d_core.clip.dense import DenseClipEncoder
 from clip3d_core.geometry import PinholeCamera
 from clip3d_core.labels import UNLABELLED
-from clip3d_core.model import Clip3DNet
-from clip3d_core.predictor import CameraFeatures, predict
+from clip3d_core.model import Clip3DNet, ModelConfig
+from clip3d_core.model.panoptic import PanopticInfo, PanopticNet
+from clip3d_core.predictor import CameraFeatures, predict, predict_panoptic
 from clip3d_core.runtime import Runtime, RuntimeOptions
 from clip3d_core.teacher import CameraView, ClipTeacher, TeacherOutput, attach_points
 
@@ -63,7 +70,9 @@ class SegmentationResult:
     """Per input point (input order): ``labels`` uint16 index into ``vocabulary`` (65535 =
     unlabelled), ``scores`` float32 softmax probability of that label (0 where invalid), ``valid``
     (finite and inside the model's range). ``timings_ms``: voxelise, backbone, [image], classify,
-    total. ``features`` [N, D] float32 only when asked for (``return_features=True``)."""
+    total (panoptic: [voxelise, image], network, classify, total). ``features`` [N, D] float32
+    only when asked for (``return_features=True``). ``instances`` uint32 [N] for panoptic models
+    only (0 = none / stuff; None otherwise)."""
 
     labels: np.ndarray
     scores: np.ndarray
@@ -71,6 +80,7 @@ class SegmentationResult:
     valid: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     features: np.ndarray | None = None
+    instances: np.ndarray | None = None
 
     def class_counts(self) -> dict[str, int]:
         """Points per class name (classes without points omitted), plus "unlabelled"."""
@@ -103,8 +113,15 @@ class _ImageFeatures:
         return CameraFeatures(pt.features, pt.visible)
 
 
+def thing_mask(vocabulary: Vocabulary, things: Sequence[str]) -> np.ndarray:
+    """[C] bool: entries with a name among ``things`` (case-insensitive) get instance ids."""
+    known = {t.casefold() for t in things}
+    return np.array([any(s.casefold() in known for s in e.synonyms) for e in vocabulary.entries])
+
+
 class Segmenter:
-    """A trained `Clip3DNet` plus the text embeddings of the current vocabulary.
+    """A trained `Clip3DNet` (or `PanopticNet` with its ``panoptic`` info) plus the text embeddings
+    of the current vocabulary.
 
     Build with `from_checkpoint`. ``text_source`` (a `TextEncoder` or an `EmbeddingBank`) is needed
     only to encode new vocabularies; ``dense`` (a `DenseClipEncoder`) only for fusion models fed
@@ -114,9 +131,10 @@ class Segmenter:
 
     def __init__(
         self,
-        model: Clip3DNet,
+        model: Clip3DNet | PanopticNet,
         identity: ClipIdentity,
         *,
+        panoptic: PanopticInfo | None = None,
         text_source: TextEncoder | EmbeddingBank | None = None,
         dense: DenseClipEncoder | None = None,
         vocabulary: VocabularyLike | None = None,
@@ -125,8 +143,12 @@ class Segmenter:
         image_short_side: int | None = None,
         runtime: RuntimeOptions | None = None,
     ) -> None:
-        if identity.embed_dim != model.cfg.embed_dim:
-            raise ValueError(f"model embed_dim {model.cfg.embed_dim} != CLIP {identity} embed_dim")
+        if isinstance(model, PanopticNet) != (panoptic is not None):
+            raise ValueError("a PanopticNet is served with its PanopticInfo, a Clip3DNet without")
+        self.panoptic = panoptic
+        self.model_cfg: ModelConfig = model.cfg.model if isinstance(model, PanopticNet) else model.cfg
+        if identity.embed_dim != self.model_cfg.embed_dim:
+            raise ValueError(f"model embed_dim {self.model_cfg.embed_dim} != CLIP {identity} embed_dim")
         self.device = torch.device(device)
         self.runtime = Runtime(runtime or RuntimeOptions(), self.device)
         self.model = self.runtime.prepare_model(model)
@@ -173,9 +195,8 @@ class Segmenter:
         tower for fusion models). ``vocabulary`` defaults to the checkpoint's, if it stored one.
         """
         ckpt = load_checkpoint(path)
-        if ckpt.panoptic is not None:  # instance output through the Segmenter is not built yet
-            raise CheckpointError(f"{path} is a panoptic checkpoint; run it with predictor.predict_panoptic")
         model = ckpt.build_model(device)
+        fusion = ckpt.model_config.fusion if ckpt.panoptic is None else ckpt.panoptic.head.fusion
         bank = None
         if embedding_bank == CHECKPOINT_BANK:
             if ckpt.text_bank is None:
@@ -189,7 +210,7 @@ class Segmenter:
             )
             ckpt.check_identity(bank.identity, f"the embedding bank {embedding_bank}")
         loaded = None
-        if bank is None or ckpt.model_config.fusion:
+        if bank is None or fusion:
             loaded = load_clip(clip or ckpt.clip_config, device)
             ckpt.check_identity(loaded.identity, "the CLIP loaded")
         elif clip is not None:
@@ -197,21 +218,23 @@ class Segmenter:
                         "no fusion", clip.model_name)
         text_source = bank if bank is not None else TextEncoder(loaded, cache_dir=text_cache_dir)
         # A fusion model reads CLIP features made the way its training teacher made them.
-        dense = DenseClipEncoder(loaded, ckpt.dense.last_block) if ckpt.model_config.fusion else None
+        dense = DenseClipEncoder(loaded, ckpt.dense.last_block) if fusion else None
         if image_short_side is None:
             image_short_side = ckpt.dense.short_side
         if vocabulary is None and ckpt.vocabulary is not None:
             vocabulary = ckpt.vocabulary
         log.info(
-            "segmenter from %s: CLIP %s, text from %s, fusion %s",
+            "segmenter from %s: CLIP %s, text from %s, fusion %s, panoptic %s",
             path,
             ckpt.identity,
             "embedding bank" if bank is not None else "text tower",
-            ckpt.model_config.fusion,
+            fusion,
+            ckpt.panoptic is not None,
         )
         return cls(
             model,
             ckpt.identity,
+            panoptic=ckpt.panoptic,
             text_source=text_source,
             dense=dense,
             vocabulary=vocabulary,
@@ -280,7 +303,7 @@ class Segmenter:
         return vocab
 
     def _check_text(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> torch.Tensor:
-        d = self.model.cfg.embed_dim
+        d = self.model_cfg.embed_dim
         text = torch.as_tensor(text)
         if text.ndim != 2 or text.shape != (len(vocabulary), d):
             raise VocabularyError(
@@ -297,7 +320,7 @@ class Segmenter:
             raise SegmenterInputError(f"points must be [N, >=3] (x, y, z, ...), got shape {arr.shape}")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise SegmenterInputError(f"points must be numeric, got dtype {arr.dtype}")
-        c = self.model.cfg.backbone.in_channels
+        c = self.model_cfg.backbone.in_channels
         arr = arr[:, :c].astype(np.float32, copy=False)
         if arr.shape[1] < c:  # e.g. xyz-only clouds for a model trained with intensity
             if not self._warned_columns:
@@ -371,13 +394,21 @@ class Segmenter:
             if use_images:
                 assert self.teacher is not None and images is not None and cameras is not None
                 camera = _ImageFeatures(self.teacher, rt, CameraView(images, cameras), text, x[:, :3])
-            pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
-            host = rt.buffers.download(
-                {"valid": pred.valid, "label": pred.labels.to(torch.int32), "score": pred.scores.float()}
-            )
+            if self.panoptic is None:
+                pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
+            else:
+                thing = torch.from_numpy(thing_mask(vocab, self.panoptic.things)).to(self.device)
+                pred = predict_panoptic(self.model, x, text, thing, min_points=self.panoptic.min_points,
+                                        camera=camera, score_threshold=threshold, lap=watch.lap)[0]
+            outputs = {"valid": pred.valid, "label": pred.labels.to(torch.int32),
+                       "score": pred.scores.float()}
+            if "instances" in pred.extras:
+                outputs["instance"] = pred.extras["instances"].to(torch.int32)
+            host = rt.buffers.download(outputs)
             valid = host["valid"].copy()
             labels = np.where(host["label"] >= 0, host["label"], UNLABELLED).astype(np.uint16)
             scores = host["score"].copy()
+            instances = host["instance"].astype(np.uint32) if "instance" in host else None
             features = pred.features.float().cpu().numpy() if return_features else None
             watch.lap("classify")
             timings = watch.total()
@@ -388,4 +419,5 @@ class Segmenter:
             valid=valid,
             timings_ms=timings,
             features=features,
+            instances=instances,
         )

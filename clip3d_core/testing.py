@@ -16,3 +16,24 @@ def shared_data_dir() -> Path | None:
         if path.is_dir():
             return path
     return None
+
+
+PANOPTIC_VOCABULARY = ("road", "car|automobile", "bus", "person|Pedestrian", "vegetation")
+PANOPTIC_THINGS = ("car", "bus", "pedestrian", "bicycle")
+
+
+def tiny_panoptic_checkpoint(path: str | Path, *, fusion: bool = False, min_points: int = 5) -> Path:
+    """An UNTRAINED tiny panoptic checkpoint (random tiny CLIP, `PANOPTIC_VOCABULARY`, things
+    `PANOPTIC_THINGS`) for serving tests: its instances mean nothing, the contract does."""
+    from clip3d_core.checkpoint import build_untrained_checkpoint
+    from clip3d_core.clip import load_clip, tiny_clip_config
+    from clip3d_core.model import ModelConfig
+    from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo
+
+    clip = tiny_clip_config()
+    head = PanopticHeadConfig(hidden=32, num_thing_queries=8, num_stuff_queries=2, num_layers=1, ffn=64,
+                              fusion=fusion)
+    # voxel 0.4: at 0.5 the default z range leaves the U-Net's deepest level no z cell
+    model = ModelConfig.small(embed_dim=load_clip(clip).identity.embed_dim, voxel_size=0.4)
+    return build_untrained_checkpoint(path, model, clip, vocabulary=list(PANOPTIC_VOCABULARY),
+                                      panoptic=PanopticInfo(head, PANOPTIC_THINGS, min_points))

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clip3d_core.clip import Vocabulary
+from clip3d_core.geometry.boxes import InstanceBox, instance_boxes
 from clip3d_core.labels import UNLABELLED, UNLABELLED_COLOUR
 
 BACKGROUND = (0, 0, 0)
@@ -82,6 +83,24 @@ def render_bev(
         image[max(r0 - 4, 0) : r0 + 5, c0] = 255
         image[r0, max(c0 - 4, 0) : c0 + 5] = 255
     return image
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: Sequence[InstanceBox],
+    extent: Sequence[float] = DEFAULT_EXTENT,
+    pixel_size: float = 0.1,
+) -> np.ndarray:
+    """A `render_bev` image with each box's footprint outlined in white (the points inside already
+    carry the class colour; the outline separates instances of one class). Returns a new image."""
+    x1, y1 = extent[2], extent[3]  # the image's top-left corner (render_bev's layout)
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    for box in boxes:
+        corners = box.corners_xy()
+        draw.polygon([((y1 - y) / pixel_size, (x1 - x) / pixel_size) for x, y in corners],
+                     outline=(255, 255, 255))
+    return np.asarray(pil)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -156,10 +175,14 @@ def bev_png(
     radius: int = 1,
     title: str | None = None,
     max_legend: int = 40,
+    instances: np.ndarray | None = None,
 ) -> Path:
     """Write a bird's-eye PNG of a labelled cloud coloured by class, with a legend of the classes
-    present (point counts). Returns the path."""
+    present (point counts); with ``instances`` (panoptic ids, 0 = none) each instance's oriented box
+    (`instance_boxes`) is outlined. Returns the path."""
     image = render_bev(xyz, label_colours(labels, vocabulary.colours), extent, pixel_size, radius)
+    if instances is not None:
+        image = draw_boxes(image, instance_boxes(xyz, labels, instances), extent, pixel_size)
     names, colours, counts = _legend_rows(labels, vocabulary, max_legend)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

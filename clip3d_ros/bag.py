@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 from rosbags.interfaces import (
     Connection,
+    Nodetype,
     Qos,
     QosDurability,
     QosHistory,
@@ -62,6 +63,32 @@ def typestore() -> Any:
 
 def msg_class(msgtype: str) -> type:
     return typestore().types[msgtype]
+
+
+_NUMPY = {"bool": np.bool_, "byte": np.uint8, "octet": np.uint8, "char": np.uint8, "int8": np.int8,
+          "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
+          "int64": np.int64, "uint64": np.uint64, "float32": np.float32, "float64": np.float64}
+
+
+def new_msg(msgtype: str) -> Any:
+    """A rosbags message with every field zero / empty, like an rclpy constructor without arguments
+    (rosbags classes take every field), so one builder can fill rclpy and rosbags messages."""
+    _, fields = typestore().fielddefs[msgtype]
+    return msg_class(msgtype)(**{name: _zero(desc) for name, desc in fields})
+
+
+def _zero(desc: Any) -> Any:
+    kind, rest = desc
+    if kind == Nodetype.NAME:
+        return new_msg(rest)
+    if kind == Nodetype.BASE:
+        base = rest[0]
+        return "" if base in ("string", "wstring") else _NUMPY[base](0).item()
+    inner, length = rest  # ARRAY (fixed length) or SEQUENCE (empty)
+    count = length if kind == Nodetype.ARRAY else 0
+    if inner[0] == Nodetype.BASE and inner[1][0] in _NUMPY:
+        return np.zeros(count, dtype=_NUMPY[inner[1][0]])
+    return [_zero(inner) for _ in range(count)]
 
 
 def qos(*, depth: int = 10, reliable: bool = True, transient_local: bool = False) -> Qos:

@@ -345,14 +345,18 @@ def rgb_for_labels(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return table[np.minimum(labels, len(table) - 1)]
 
 
-def _output_dtype(with_intensity: bool) -> np.dtype:
-    # 4-byte aligned fields, label padded to 4 bytes: x y z [intensity] label score rgb.
+def _output_dtype(with_intensity: bool, with_instance: bool = False) -> np.dtype:
+    # 4-byte aligned fields, label padded to 4 bytes: x y z [intensity] label score rgb [instance]
+    # (instance last, so clouds of semantic models keep their layout byte for byte).
     names = ["x", "y", "z"] + (["intensity"] if with_intensity else []) + ["label", "score", "rgb"]
     formats = ["<f4"] * (len(names) - 3) + ["<u2", "<f4", "<f4"]
     offsets = [4 * i for i in range(len(names) - 3)]
     base = offsets[-1] + 4
     offsets += [base, base + 4, base + 8]
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": base + 12})
+    if with_instance:
+        names, formats, offsets = [*names, "instance"], [*formats, "<u4"], [*offsets, base + 12]
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                     "itemsize": base + (16 if with_instance else 12)})
 
 
 def labelled_points(
@@ -361,21 +365,27 @@ def labelled_points(
     labels: np.ndarray,
     scores: np.ndarray,
     colours: np.ndarray,
+    instances: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The output cloud's records: x, y, z, intensity (when given), label uint16, score, rgb.
+    """The output cloud's records: x, y, z, intensity (when given), label uint16, score, rgb, and
+    instance uint32 (0 = none / stuff) when given (panoptic models).
 
     `colours`: per point uint8 [N, 3], or already packed float32 [N] (`rgb_for_labels`)."""
     n = len(xyz)
-    for what, arr in (("labels", labels), ("scores", scores), ("colours", colours)):
-        if len(arr) != n:
+    named = (("labels", labels), ("scores", scores), ("colours", colours), ("instances", instances))
+    for what, arr in named:
+        if arr is not None and len(arr) != n:
             raise CloudFormatError(f"{what} has {len(arr)} entries for {n} points")
-    out = np.zeros(n, dtype=_output_dtype(intensity is not None))  # zeros: no stray bytes in the padding
+    # zeros: no stray bytes in the padding
+    out = np.zeros(n, dtype=_output_dtype(intensity is not None, instances is not None))
     out["x"], out["y"], out["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     if intensity is not None:
         out["intensity"] = intensity
     out["label"] = labels
     out["score"] = scores
     out["rgb"] = colours if colours.ndim == 1 else pack_rgb(colours)
+    if instances is not None:
+        out["instance"] = instances
     return out
 
 

@@ -5,7 +5,8 @@ records, shared by the node, `clip3d label-bag` and the demo, so they cannot dri
     CameraResolver   CameraInfo / calibration model + extrinsics -> the camera of the decoded image,
                      scaled to its size and validated again (a scaled K can overflow), with the
                      encoder-input bounds checked (`ImageLimits`)
-    label_frame      segmenter -> records x, y, z, [intensity], label, score, rgb (+ output height)
+    label_frame      segmenter -> records x, y, z, [intensity], label, score, rgb, [instance]
+                     (+ output height)
 
 Messages are read by attribute, so rclpy and rosbags messages both work; the caller builds the
 output message from `LabelledFrame.records` / `.height` with `conversions.cloud_parts` (through
@@ -128,7 +129,7 @@ CAMERA_ERRORS = (CalibrationError, ImageFormatError)
 
 @dataclass(frozen=True)
 class LabelledFrame:
-    records: np.ndarray  # x, y, z, [intensity], label, score, rgb (conversions.labelled_points)
+    records: np.ndarray  # x, y, z, [intensity], label, score, rgb, [instance] (conversions.labelled_points)
     height: int
     vocabulary: Any
     result: Any  # the SegmentationResult (None for an empty cloud)
@@ -142,19 +143,27 @@ def label_frame(
     *,
     vocabulary: Any,
     score_threshold: float | None = None,
+    panoptic: bool = False,
 ) -> LabelledFrame:
     """Label `cloud` with `segment` (a Segmenter's bound `segment`). `vocabulary`: the one an empty
-    cloud is answered with (no model call); otherwise the result's own is used."""
+    cloud is answered with (no model call); otherwise the result's own is used. `panoptic` (the
+    segmenter serves a panoptic model): the records carry `instance`, also for an empty cloud, so
+    every message of a topic has one layout."""
     points = cloud.points
     result = None
+    instances = np.zeros(0, np.uint32) if panoptic else None
     if len(points):
         result = segment(points, list(images) or None, list(cameras) or None, score_threshold=score_threshold)
         labels, scores, vocabulary = result.labels, result.scores, result.vocabulary
         if len(labels) != len(points) or len(scores) != len(points):
             raise RuntimeError(f"segmenter returned {len(labels)} labels for {len(points)} points")
+        if panoptic:
+            if result.instances is None or len(result.instances) != len(points):
+                raise RuntimeError("a panoptic segmenter returned no instance id per point")
+            instances = result.instances
     else:
         labels, scores = np.zeros(0, np.uint16), np.zeros(0, np.float32)
     rgb = conversions.rgb_for_labels(labels, vocabulary.colours)  # UNLABELLED / junk labels -> grey
     intensity = points[:, 3] if cloud.with_intensity else None
-    records = conversions.labelled_points(points[:, :3], intensity, labels, scores, rgb)
+    records = conversions.labelled_points(points[:, :3], intensity, labels, scores, rgb, instances)
     return LabelledFrame(records, cloud.height, vocabulary, result)

@@ -15,7 +15,10 @@ Topics are relative and remapped in the launch file (breaking change: they used 
 * `~/output/pointcloud` (launch default /clip3d/labelled_points): input header, same points in
   the same order (and
   the same height/width for organised clouds); fields x, y, z, [intensity], label (uint16, 65535 =
-  unlabelled), score, rgb (vocabulary colour; grey when unlabelled).
+  unlabelled), score, rgb (vocabulary colour; grey when unlabelled), and for panoptic models
+  instance (uint32, 0 = none / stuff).
+* `~/output/objects` (panoptic models; built only when subscribed): visualization_msgs/MarkerArray,
+  DELETEALL then one oriented box + "class score" text per thing instance (`clip3d_ros.markers`).
 * `~/vocabulary` (transient local): the vocabulary map, re-published on every change.
 * `~/labels_meta`: per labelled cloud `{stamp, frame_id, version, ...}` - the version of the
   vocabulary its labels index (the cloud header stays the input's, untouched).
@@ -59,6 +62,7 @@ from rclpy.parameter import Parameter
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
 
 from clip3d_core.clip import VocabularyError
 from clip3d_core.geometry import CalibrationError, PinholeCamera, load_kitti_calib
@@ -72,6 +76,7 @@ from clip3d_ros.conversions import (
 from clip3d_ros.diagnostics import PipelineDiagnostics
 from clip3d_ros.frame_queue import FrameQueue
 from clip3d_ros.labelling import CAMERA_ERRORS, CameraResolver, ImageLimits, decode_cloud, label_frame
+from clip3d_ros.markers import frame_boxes, object_markers
 from clip3d_ros.params import (
     CameraParams,
     NodeParams,
@@ -102,6 +107,7 @@ NODE_NAME = "clip3d"
 # Relative topics (ROS / Autoware convention), remapped in the launch file.
 INPUT_TOPIC = "~/input/pointcloud"
 OUTPUT_TOPIC = "~/output/pointcloud"
+OBJECTS_TOPIC = "~/output/objects"
 LOG_THROTTLE_S = 5.0
 SYNC_POLL_PERIOD_S = 0.02
 
@@ -111,6 +117,9 @@ class SegmenterLike(Protocol):
 
     @property
     def vocabulary(self) -> Any: ...
+
+    @property
+    def panoptic(self) -> Any: ...  # PanopticInfo for panoptic models (output gains `instance`), else None
 
     def check_vocabulary(self, names: list[str]) -> None: ...
 
@@ -206,6 +215,10 @@ class Clip3DNode(Node):
         self._meta_pub = self.create_publisher(String, LABELS_META_TOPIC, labels_meta_qos())
         self._vocab_pub = self.create_publisher(String, VOCABULARY_TOPIC, vocabulary_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._objects_pub = (  # panoptic models only: semantic ones have no instances
+            self.create_publisher(MarkerArray, OBJECTS_TOPIC, p.qos_output.profile())
+            if self._segmenter.panoptic is not None else None
+        )
 
         self._vocab_request: Any = None
         self._checked_vocabulary: Any = None  # parsed by the on-set check, handed to the encoder
@@ -489,6 +502,7 @@ class Clip3DNode(Node):
             cameras,
             vocabulary=self.active_vocabulary,
             score_threshold=self.params.score_threshold or None,
+            panoptic=self._segmenter.panoptic is not None,
         )
         vocab, out = labelled.vocabulary, labelled.records
         t2 = time.perf_counter()
@@ -506,6 +520,9 @@ class Clip3DNode(Node):
         t3 = time.perf_counter()
         self._meta_pub.publish(meta)  # first, so a consumer holding the cloud can already look it up
         self._cloud_pub.publish(out_msg)
+        if self._objects_pub is not None and self._objects_pub.get_subscription_count() > 0:
+            boxes = frame_boxes(out)
+            self._objects_pub.publish(object_markers(boxes, vocab.names, vocab.colours, msg.header))
         t4 = time.perf_counter()
 
         end_ns = self._now_ns()

@@ -49,6 +49,7 @@ class FakeSegmenter:
         self.encoded: dict[int, list[str]] = {}
         self.calls: list[tuple[int, int, int]] = []
         self.last_cameras: list[Any] = []
+        self.panoptic = None  # a semantic model: no `instance` field
 
     @property
     def vocabulary(self) -> Vocabulary | None:

@@ -466,6 +466,46 @@ def test_label_bag_cli_writes_node_compatible_output(
         )
 
 
+def test_label_bag_writes_instances_for_a_panoptic_checkpoint(tmp_path: Path, drive_bag, capsys) -> None:
+    """A panoptic checkpoint: the labelled clouds gain `instance` (uint32, the node's layout), equal to
+    what `Segmenter.segment` gives for the same points."""
+    from clip3d_core.segmenter import Segmenter
+    from clip3d_core.testing import PANOPTIC_VOCABULARY, tiny_panoptic_checkpoint
+
+    vocabulary = list(PANOPTIC_VOCABULARY)
+    ckpt = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
+    in_path, _ = drive_bag
+    out = tmp_path / "labelled"
+    rc = clip3d_main(["label-bag", str(in_path), str(out), "--checkpoint", str(ckpt),
+                      "--vocabulary", *vocabulary, "--threads", "1"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["labelled"] == 3
+    segmenter = Segmenter.from_checkpoint(ckpt, vocabulary=vocabulary)
+    empty = np.zeros(0, np.float32)
+    expected_dtype = conversions.labelled_points(
+        np.zeros((0, 3), np.float32), empty, np.zeros(0, np.uint16), empty, np.zeros((0, 3), np.uint8),
+        np.zeros(0, np.uint32),
+    ).dtype
+    clouds = [(i, o) for (_, i), (_, o) in zip(read_all(in_path)["/lidar/points"],
+                                               read_all(out)["/clip3d/labelled_points"])]
+    assert len(clouds) == 3
+    for cloud_in, cloud_out in clouds:
+        rec_in, rec_out = conversions.cloud_to_array(cloud_in), conversions.cloud_to_array(cloud_out)
+        assert rec_out.dtype == expected_dtype
+        result = segmenter.segment(conversions.points_for_model(rec_in, "intensity"))
+        assert result.instances is not None and result.instances.max() > 0
+        # spconv on CPU sums in a thread-dependent order: an id may differ only at float ties
+        assert np.mean(rec_out["instance"] == result.instances) > 0.999
+    # /clip3d/objects: per cloud the node's MarkerArray (DELETEALL, then a cube + a text per instance)
+    objects = read_all(out)["/clip3d/objects"]
+    assert len(objects) == 3
+    for (_, cloud_out), (_, arr) in zip(clouds, objects):
+        ids = np.unique(conversions.cloud_to_array(cloud_out)["instance"])
+        clear, *rest = arr.markers
+        assert clear.action == 3 and len(rest) == 2 * int((ids > 0).sum())
+        assert sorted({m.id for m in rest}) == [int(i) for i in ids[ids > 0]]
+
+
 def test_label_bag_skips_bad_clouds_and_keeps_going(
     tmp_path: Path, checkpoint: Path
 ) -> None:

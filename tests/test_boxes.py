@@ -42,3 +42,29 @@ def test_boxes_recover_pose_and_size() -> None:
                        math.hypot(2.25, 0.9))
     assert instance_boxes(xyz, semantic, instance, min_points=400)[0].instance == 9
     assert instance_boxes(xyz[:1], semantic[:1], np.array([1]))[0].size == (0.0, 0.0, 0.0)
+
+
+def test_bev_outlines_each_instance_box() -> None:
+    """bev pictures of panoptic output: each instance's footprint is outlined (white) where the box
+    edge lies, and nothing is drawn without instance ids."""
+    from clip3d_core.clip import Vocabulary
+    from clip3d_core.viz import draw_boxes, render_bev
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform([4.0, 2.0, 0.0], [8.0, 4.0, 1.5], size=(300, 3))  # axis-aligned 4 m x 2 m
+    b = rng.uniform([-6.0, -5.0, 0.0], [-4.0, -1.0, 1.5], size=(300, 3))
+    xyz = np.concatenate([a, b])
+    labels = np.zeros(600, np.uint16)
+    instances = np.repeat(np.array([1, 2], np.uint32), 300)
+    extent, pixel = (-10.0, -10.0, 10.0, 10.0), 0.1
+    colours = np.repeat(Vocabulary.from_strings(["car"]).colours, 600, axis=0)
+    plain = render_bev(xyz, colours, extent, pixel)
+    boxes = instance_boxes(xyz, labels, instances)
+    drawn = draw_boxes(plain, boxes, extent, pixel)
+    white = (drawn == 255).all(axis=2) & ~(plain == 255).all(axis=2)
+    assert white.sum() > 2 * (40 + 20)  # at least the long edges of both footprints
+    for box in boxes:  # every footprint corner is on the outline (row = (x1 - x), col = (y1 - y))
+        for x, y in box.corners_xy():
+            r, c = int(np.rint((10.0 - x) / pixel)), int(np.rint((10.0 - y) / pixel))
+            assert white[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].any()
+    assert np.array_equal(draw_boxes(plain, [], extent, pixel), plain)

@@ -198,6 +198,27 @@ def test_labelled_points_layout_and_rgb_packing() -> None:
         cv.labelled_points(xyz, None, np.zeros(4, np.uint16), np.zeros(5), colours)
 
 
+def test_labelled_points_instance_field_for_panoptic_models() -> None:
+    """`instance` uint32 is appended after rgb: the semantic layout before it is unchanged."""
+    xyz = RNG.normal(size=(4, 3)).astype(np.float32)
+    labels, scores = np.array([0, 1, 1, 65535], np.uint16), np.linspace(0, 1, 4)
+    colours = np.zeros((4, 3), np.uint8)
+    instances = np.array([0, 1, 2, 70000], np.uint32)  # ids above uint16 survive
+    plain = cv.labelled_points(xyz, np.ones(4, np.float32), labels, scores, colours)
+    out = cv.labelled_points(xyz, np.ones(4, np.float32), labels, scores, colours, instances)
+    assert out.dtype.names == (*plain.dtype.names, "instance")
+    assert out.dtype.itemsize == plain.dtype.itemsize + 4
+    assert all(out.dtype.fields[n][1] == plain.dtype.fields[n][1] for n in plain.dtype.names)
+    msg = cv.array_to_cloud(out)
+    assert {f.name: f.datatype for f in msg.fields}["instance"] == PointField.UINT32
+    back = cv.cloud_to_array(msg)
+    np.testing.assert_array_equal(back["instance"], instances)
+    for name in plain.dtype.names:
+        np.testing.assert_array_equal(back[name], plain[name])
+    with pytest.raises(cv.CloudFormatError, match="instances has 3"):
+        cv.labelled_points(xyz, None, labels, scores, colours, instances[:3])
+
+
 def test_rgb_for_labels_greys_unlabelled_and_out_of_range() -> None:
     colours = np.array([[10, 20, 30], [200, 100, 0]], np.uint8)
     rgb = cv.rgb_for_labels(np.array([1, 0, 65535, 7], np.uint16), colours)

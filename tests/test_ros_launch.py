@@ -79,6 +79,7 @@ ROSDEP_KEYS = {
     "rosgraph_msgs": "rosgraph_msgs",
     "rcl_interfaces": "rcl_interfaces",
     "builtin_interfaces": "builtin_interfaces",
+    "visualization_msgs": "visualization_msgs",
     "tf2_ros": "tf2_ros_py",
     "message_filters": "message_filters",
     "launch": "launch",

@@ -29,6 +29,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
+from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
 from clip3d_core.clip import Vocabulary, VocabularyError  # noqa: E402
 from clip3d_ros import conversions as cv  # noqa: E402
@@ -945,6 +946,44 @@ def test_node_and_label_bag_write_byte_identical_clouds(harness, tmp_path) -> No
         recorded = deserialize_message(want, PointCloud2)  # (CDR alignment padding is not data)
         assert bytes(out.data) == bytes(recorded.data)
         assert out == recorded  # header, height, width, fields, endianness, steps, is_dense
+
+
+def test_a_panoptic_model_publishes_the_instance_field(harness, tmp_path) -> None:
+    """A real (tiny, untrained) panoptic Segmenter in the node: the output cloud gains `instance`
+    uint32 after the semantic fields, equal to what `Segmenter.segment` gives for the points."""
+    from clip3d_core.segmenter import Segmenter
+    from clip3d_core.testing import PANOPTIC_VOCABULARY, tiny_panoptic_checkpoint
+
+    names = list(PANOPTIC_VOCABULARY)
+    path = tiny_panoptic_checkpoint(tmp_path / "pan.pt")
+    seg = Segmenter.from_checkpoint(path)
+    h = harness(seg, vocabulary=names)
+    objects: list[MarkerArray] = []
+    h.peer.create_subscription(MarkerArray, f"{h.ns}/clip3d/output/objects", h._add(objects),
+                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    assert wait_for(lambda: h.node._objects_pub.get_subscription_count() > 0, 10)
+    rng = np.random.default_rng(4)
+    pts = np.zeros(3000, XYZI)
+    pts["x"], pts["y"] = rng.uniform(-15, 15, 3000), rng.uniform(-15, 15, 3000)
+    pts["z"], pts["intensity"] = rng.uniform(-1.7, 1.3, 3000), rng.uniform(0, 1, 3000)
+    msg = cv.array_to_cloud(pts)
+    msg.header.stamp, msg.header.frame_id = stamp(2000.0), "lidar"
+    out = h.publish_and_wait(msg, timeout=30.0)
+    assert [f.name for f in out.fields] == ["x", "y", "z", "intensity", "label", "score", "rgb", "instance"]
+    assert {f.name: f.datatype for f in out.fields}["instance"] == PointField.UINT32
+    got = cv.cloud_to_array(out)
+    want = seg.segment(cv.points_for_model(pts, "intensity"))
+    assert want.instances is not None and want.instances.max() > 0
+    # spconv on CPU sums in a thread-dependent order: an id may differ only at float ties
+    assert np.mean(got["instance"] == want.instances) > 0.999
+    assert np.mean(got["label"] == want.labels) > 0.999
+    # ~/output/objects: the frame's boxes (DELETEALL first), one cube + one text per instance id
+    assert wait_for(lambda: objects, 10), "no MarkerArray came back"
+    clear, *rest = objects[-1].markers
+    assert clear.action == Marker.DELETEALL and clear.header == out.header
+    cubes = sorted(m.id for m in rest if m.type == Marker.CUBE)
+    assert cubes == sorted(int(i) for i in np.unique(got["instance"][got["instance"] > 0]))
+    assert len(rest) == 2 * len(cubes)
 
 
 class _FakeTfBuffer:

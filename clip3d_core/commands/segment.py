@@ -182,8 +182,13 @@ def _write(
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "labels.npy", result.labels)
-    write_labels(out / "labels.label", result.labels)
+    # panoptic models: instance ids in the SemanticKITTI upper 16 bits too (per-frame ids stay small)
+    write_labels(out / "labels.label", result.labels, result.instances)
     np.save(out / "scores.npy", result.scores)
+    arrays = ["labels.npy", "labels.label", "scores.npy"]
+    if result.instances is not None:
+        np.save(out / "instances.npy", result.instances)
+        arrays.append("instances.npy")
     untrained = checkpoint is None
     title = f"{args.cloud.name}" + ("  [UNTRAINED RANDOM MODEL]" if untrained else "")
     r = args.bev_range
@@ -195,6 +200,7 @@ def _write(
             result.vocabulary,
             extent=(-r, -r, r, r),
             title=title,
+            instances=result.instances,
         )
     ]
     if images:
@@ -229,8 +235,10 @@ def _write(
         "cameras": [c.name for c in cameras],
         "score_threshold": args.score_threshold,
         "device": args.device,
-        "files": [str(p.name) for p in files] + ["labels.npy", "labels.label", "scores.npy"],
+        "files": [str(p.name) for p in files] + arrays,
     }
+    if result.instances is not None:
+        summary["instances"] = len(np.unique(result.instances[result.instances > 0]))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -206,11 +206,11 @@ class OpenVocabClassifier(nn.Module):
 class PanopticNet(nn.Module):
     """Voxel features -> query masks and CLIP-space class embeddings (module doc)."""
 
-    def __init__(self, cfg: PanopticModelConfig) -> None:
+    def __init__(self, cfg: PanopticModelConfig, backend: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         m, h = cfg.model, cfg.head
-        self.backbone = SparseUNet(m.backbone)
+        self.backbone = SparseUNet(m.backbone, backend)  # `sparse_backend.resolve` picks when None
         self.fusion = ConcatFusion(m.backbone.out_channels, m.embed_dim, h.hidden, h.fusion)
         self.position = PositionEmbedding(h.fourier_bands, h.hidden)
         # N(0, 1) as nn.Embedding (Mask2Former): near-identical queries would all attend alike and

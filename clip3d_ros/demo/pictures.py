@@ -55,7 +55,8 @@ def draw_frames(
         xyz, labels = conversions.xyz_of(records), records["label"]
         vocab = vocabularies[versions.get(stamp, max(vocabularies))]
         title = f"t = {(stamp - start_ns) / 1e9:.1f} s, vocabulary v{vocab.version}{note}"
-        bev = bev_png(out_dir / f"bev_{stamp}.png", xyz, labels, vocab, title=title)
+        instances = records["instance"] if "instance" in records.dtype.names else None  # panoptic
+        bev = bev_png(out_dir / f"bev_{stamp}.png", xyz, labels, vocab, title=title, instances=instances)
         entry = {"stamp": str(stamp), "vocabulary_version": vocab.version, "bev": bev.name}
         if stamp in images and stamp in camera_msgs:
             info = camera_msgs[stamp]

@@ -1,10 +1,13 @@
 """Label a bag's LiDAR clouds offline into a new bag (rosbags only: no ROS runtime needed).
 
 Writes what the node publishes, under the node's topic names by default:
-  /clip3d/labelled_points  PointCloud2  x, y, z, [intensity], label (uint16), score, rgb; input header,
+  /clip3d/labelled_points  PointCloud2  x, y, z, [intensity], label (uint16), score, rgb, [instance
+                           (uint32, panoptic models)]; input header,
                            input point order and count
   /clip3d/vocabulary       std_msgs/String JSON vocabulary map (transient local)
   /clip3d/labels_meta      std_msgs/String JSON per cloud: stamp, vocabulary version, cameras used
+  /clip3d/objects          visualization_msgs/MarkerArray per cloud (panoptic models): the node's
+                           ~/output/objects boxes
 Cameras (`--camera IMAGE_TOPIC INFO_TOPIC`, repeatable) are matched to each cloud by nearest header
 stamp within `--slop`; their LiDAR->camera extrinsics come from the bag's /tf_static. Images are
 used by fusion models only. `--copy` / `--copy-all` carry input topics over unchanged. Output
@@ -40,7 +43,7 @@ from tqdm import tqdm
 from clip3d_core.clip import ClipLoadError
 from clip3d_core.clip.vocabulary import VocabularyError
 from clip3d_core.geometry import PinholeCamera
-from clip3d_ros import bag, conversions
+from clip3d_ros import bag, conversions, markers
 from clip3d_ros.labelling import CAMERA_ERRORS, CameraResolver, ImageLimits, decode_cloud, label_frame
 from clip3d_ros.vocabulary_map import labels_meta_payload
 
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 OUTPUT_TOPIC = "/clip3d/labelled_points"
 VOCABULARY_TOPIC = "/clip3d/vocabulary"
 LABELS_META_TOPIC = "/clip3d/labels_meta"
+OBJECTS_TOPIC = "/clip3d/objects"
 
 
 @dataclass
@@ -71,6 +75,7 @@ class LabelOptions:
     output_topic: str = OUTPUT_TOPIC
     vocabulary_topic: str = VOCABULARY_TOPIC
     labels_meta_topic: str = LABELS_META_TOPIC
+    objects_topic: str = OBJECTS_TOPIC  # written for panoptic models only
     intensity_field: str = ""
     lidar_frame: str = ""  # "" = the cloud's header frame_id
     slop: float = 0.05  # seconds between a cloud and an image that still match
@@ -157,6 +162,8 @@ class BagLabeller:
                 writer.add_topic(opts.output_topic, bag.T_CLOUD)
                 writer.add_topic(opts.vocabulary_topic, bag.T_STRING, bag.QOS_LATCHED)
                 writer.add_topic(opts.labels_meta_topic, bag.T_STRING)
+                if self.segmenter.panoptic is not None:
+                    writer.add_topic(opts.objects_topic, markers.T_MARKER_ARRAY)
                 for conn in copy:
                     writer.add_connection_like(conn)
                 copy_ids = {c.id for c in copy}
@@ -191,13 +198,17 @@ class BagLabeller:
                     stats.clouds += 1
                     bar.update()
                     try:
-                        cloud, meta = self._label(reader, bag.deserialize(raw, bag.T_CLOUD), cams, tf, stats)
+                        cloud, meta, objects = self._label(
+                            reader, bag.deserialize(raw, bag.T_CLOUD), cams, tf, stats
+                        )
                     except ValueError as exc:  # every bad-input error in clip3d is a ValueError
                         stats.failed += 1
                         log.warning("cloud at %d ns not labelled: %s", ts, exc)
                         continue
                     writer.write(opts.labels_meta_topic, ts, meta)
                     writer.write(opts.output_topic, ts, cloud)
+                    if objects is not None:
+                        writer.write(opts.objects_topic, ts, objects)
                     stats.labelled += 1
                 bar.close()
         finally:
@@ -264,9 +275,10 @@ class BagLabeller:
         cams: Sequence[_CameraStream],
         tf: bag.StaticTransforms,
         stats: LabelStats,
-    ) -> tuple[Any, Any]:
-        """One cloud -> (labelled cloud, labels_meta String), both rosbags messages; the same
-        records and layout as the node's (`clip3d_ros.labelling`)."""
+    ) -> tuple[Any, Any, Any]:
+        """One cloud -> (labelled cloud, labels_meta String, objects MarkerArray or None for semantic
+        models), rosbags messages; the same records, layout and markers as the node's
+        (`clip3d_ros.labelling`, `clip3d_ros.markers`)."""
         cloud = decode_cloud(msg, self.options.intensity_field)
         for kind, reason in cloud.issues:
             stats.issues[kind] += 1
@@ -275,7 +287,8 @@ class BagLabeller:
         lidar_frame = self.options.lidar_frame or msg.header.frame_id
         images, cameras, used, missing = self._images(reader, stamp, lidar_frame, cams, tf)
         frame = label_frame(
-            self.segmenter.segment, cloud, images, cameras, vocabulary=self.segmenter.vocabulary
+            self.segmenter.segment, cloud, images, cameras, vocabulary=self.segmenter.vocabulary,
+            panoptic=self.segmenter.panoptic is not None,
         )
         if frame.result is not None:
             stats.label_counts.update(frame.result.class_counts())
@@ -283,9 +296,15 @@ class BagLabeller:
         meta = labels_meta_payload(
             msg.header.stamp, msg.header.frame_id, frame.vocabulary.version, len(frame.records), used, missing
         )
+        objects = None
+        if "instance" in frame.records.dtype.names:
+            v = frame.vocabulary
+            boxes = markers.frame_boxes(frame.records)
+            objects = markers.object_markers(boxes, v.names, v.colours, msg.header, new=bag.new_msg)
         return (
             bag.cloud_msg(frame.records, msg.header, height=frame.height),
             bag.msg_class(bag.T_STRING)(data=json.dumps(meta, separators=(",", ":"))),
+            objects,
         )
 
 
@@ -403,6 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-topic", default=OUTPUT_TOPIC)
     parser.add_argument("--vocabulary-topic", default=VOCABULARY_TOPIC)
     parser.add_argument("--labels-meta-topic", default=LABELS_META_TOPIC)
+    parser.add_argument("--objects-topic", default=OBJECTS_TOPIC, help="instance boxes (panoptic models)")
     parser.add_argument(
         "--copy", nargs="+", default=[], metavar="TOPIC", help="input topics to copy unchanged"
     )
@@ -455,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
         output_topic=args.output_topic,
         vocabulary_topic=args.vocabulary_topic,
         labels_meta_topic=args.labels_meta_topic,
+        objects_topic=args.objects_topic,
         intensity_field=args.intensity_field,
         lidar_frame=args.lidar_frame,
         slop=args.slop,
