@@ -73,6 +73,12 @@ ROWS: dict[str, dict[str, Any]] = {
            "label": "(b) without camera drop-out"},
 }
 METRICS = ("pq", "pq_novel_things", "pq_novel_stuff", "pq_base", "rq", "sq", "miou")
+DETAIL = ("pq_base_things", "pq_base_stuff", "rq_base_things", "sq_base_things", "rq_novel", "sq_novel")
+# the claims, as paired per-seed differences (same seed = same initialisation and batches)
+PAIRS = (("b", "a0", "fusion"), ("c", "b", "L_O"), ("d", "b", "L_V"), ("e", "b", "L_O + L_V"),
+         ("e", "d", "L_O on top of L_V"), ("e", "a", "the method vs the PFC-style baseline"),
+         ("a0", "a", "cosine head vs fixed classifier + pooled CLIP (both LiDAR only)"),
+         ("b0", "b", "no camera drop-out"))
 EMBED_DIM = 32
 HARD_CONFIG = Path(__file__).resolve().parents[1] / "training" / "synthetic_bench_hard.yaml"
 
@@ -189,13 +195,29 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
-def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary") -> list[str]:
-    lines = ["| row | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary",
+          metrics: tuple[str, ...] = METRICS) -> list[str]:
+    lines = ["| row | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
     for name, runs in rows.items():
         runs = [r for r in runs if key in r]
         if runs:
-            cells = [mean_std([r[key].get(m) for r in runs]) for m in METRICS]
+            cells = [mean_std([r[key].get(m) for r in runs]) for m in metrics]
             lines.append(f"| ({name}) {ROWS[name]['label']} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Per-seed differences of the claims' row pairs (points of %), mean ± std over common seeds."""
+    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou")
+    lines = ["| difference | what it measures | n | " + " | ".join(metrics) + " |",
+             "|---|---|---:|" + "---:|" * len(metrics)]
+    for x, y, what in PAIRS:
+        by_seed = {r["seed"]: r["summary"] for r in rows.get(y, [])}
+        both = [(r["summary"], by_seed[r["seed"]]) for r in rows.get(x, []) if r["seed"] in by_seed]
+        if both:
+            cells = [mean_std([None if a.get(m) is None or b.get(m) is None else a[m] - b[m]
+                               for a, b in both]) for m in metrics]
+            lines.append(f"| ({x}) − ({y}) | {what} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -223,6 +245,14 @@ def report(args: argparse.Namespace, stats: dict[str, float], rows: dict[str, li
         "",
         *table(rows),
         "",
+        "Paired per-seed differences (percentage points; positive = the first row is better):",
+        "",
+        *paired(rows),
+        "",
+        "Base things / stuff and novel recognition vs segmentation quality:",
+        "",
+        *table(rows, metrics=DETAIL),
+        "",
         "Fused rows evaluated with the camera removed (LiDAR only at inference):",
         "",
         *table({k: v for k, v in rows.items() if ROWS[k]["fusion"]}, "summary_nocam"),
@@ -241,6 +271,7 @@ def main() -> None:
     ap.add_argument("--val-frames", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     ap.add_argument("--resume", action="store_true", help="keep the finished runs of the same settings")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/panoptic_benchmark.py", *sys.argv[1:]])
@@ -249,6 +280,15 @@ def main() -> None:
     settings = {"world": args.world, "iterations": args.iterations, "train_frames": args.train_frames,
                 "val_frames": args.val_frames}
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in args.rows}
+    if args.report_only:
+        old = json.loads(json_path.read_text())
+        for k, v in old["settings"].items():
+            setattr(args, k, v)
+        args.seeds = old["seeds"]
+        rows = {k: v["runs"] for k, v in old["rows"].items()}
+        md_path.write_text(report(args, old["data"], rows, old["command"]))
+        print(md_path.read_text())
+        return
     if args.resume and json_path.is_file():
         old = json.loads(json_path.read_text())
         if old.get("settings") == settings:
