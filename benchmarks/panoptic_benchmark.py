@@ -15,7 +15,8 @@ sparse U-Net + query decoder in every row):
   (e)  (b) + L_O + L_V
   (b0) diagnostic: (b) without camera drop-out (run with --rows b0)
 
-Worlds: "easy" (random 32-d text, independent teacher errors, 4 surround cameras) and "hard" (the
+Worlds: "easy" (random 32-d text, independent teacher errors, 4 surround cameras), "easy_clean" (the
+same with an error-free teacher: a diagnostic of the teacher's feature quality) and "hard" (the
 transfer benchmark's hard world, training/synthetic_bench_hard.yaml: real CLIP ViT-B/32 text
 geometry, CLIP-like teacher errors at ~36 % accuracy, clutter, one front camera; needs
 ../shared/data). Fused rows are also evaluated with the camera removed (``*_nocam`` keys), and the
@@ -83,17 +84,20 @@ EMBED_DIM = 32
 HARD_CONFIG = Path(__file__).resolve().parents[1] / "training" / "synthetic_bench_hard.yaml"
 
 
-def easy_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
+World = tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]  # world, teacher, class texts [C, D]
+
+
+def easy_world(noise: float = 0.1, confusion: float = 0.2) -> World:
     cams = tuple(CameraConfig(name=f"CAM_{i}", width=128, height=72, yaw_deg=90.0 * i) for i in range(4))
     world = SyntheticWorld(SyntheticConfig(seed=0, lidar=LidarConfig(pattern="vlp16", beams=16, azimuths=512,
                                                                      max_range=40.0), cameras=cams))
-    teacher = SimulatedTeacher(SimulatedTeacherConfig(patch_size=8, noise=0.1, confusion_prob=0.2))
+    teacher = SimulatedTeacher(SimulatedTeacherConfig(patch_size=8, noise=noise, confusion_prob=confusion))
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(SPLIT.num_classes, EMBED_DIM, generator=g), dim=1)
     return world, teacher, text
 
 
-def hard_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
+def hard_world() -> World:
     """World and teacher exactly as training/synthetic_bench_hard.yaml configures them."""
     cfg = load_train_config(HARD_CONFIG)
     world = SyntheticWorld(from_dict(SyntheticConfig, cfg.data.options["world"], where="world"))
@@ -104,7 +108,9 @@ def hard_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
     return world, teacher, torch.from_numpy(geometry.vectors).float()
 
 
-WORLDS = {"easy": easy_world, "hard": hard_world}
+# easy_clean: the easy world with an error-free teacher (patch features = area mix of the true classes'
+# texts): what the teacher's errors cost the fused rows
+WORLDS = {"easy": easy_world, "easy_clean": lambda: easy_world(0.0, 0.0), "hard": hard_world}
 
 
 def build_data(world_name: str, train: int, val: int) -> dict[str, Any]:
