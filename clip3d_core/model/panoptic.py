@@ -234,9 +234,12 @@ class PanopticNet(nn.Module):
         return self.position((zyx / shape).flip(1))  # (x, y, z) in [0, 1]
 
     def forward(self, points: Tensor, batch_index: Tensor | None = None, clip: Tensor | None = None,
-                clip_mask: Tensor | None = None) -> PanopticOutput:
+                clip_mask: Tensor | None = None, *, generator: torch.Generator | None = None
+                ) -> PanopticOutput:
         """points [N, C]; batch_index [N] long; clip [N, D] per-point CLIP features valid where
-        clip_mask [N] bool (None: no camera, LiDAR only)."""
+        clip_mask [N] bool (None: no camera, LiDAR only). ``generator`` (CPU) draws the training
+        camera drop-out (the trainer's per-iteration generator, so resumed runs drop the same
+        frames); None = the global RNG."""
         c = self.cfg.model.backbone.in_channels
         vox = self.voxelize(points, batch_index)
         p = points[vox.valid][:, :c]
@@ -254,7 +257,9 @@ class PanopticNet(nn.Module):
         batch = vox.coords[:, 0].long()
         fused_mask = vmask
         if vmask is not None and self.training and self.cfg.head.camera_dropout > 0:
-            dropped = torch.rand(vox.batch_size, device=batch.device) < self.cfg.head.camera_dropout
+            draw = torch.rand(vox.batch_size, generator=generator) if generator is not None else \
+                torch.rand(vox.batch_size, device=batch.device)
+            dropped = draw.to(batch.device) < self.cfg.head.camera_dropout
             fused_mask = vmask & ~dropped[batch]
         feats = self.fusion(lidar, vclip, fused_mask)
         pos = self._positions(vox)
