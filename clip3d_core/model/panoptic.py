@@ -20,6 +20,7 @@ query can bind to a place as well as to an appearance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -234,11 +235,17 @@ class PanopticNet(nn.Module):
         return self.position((zyx / shape).flip(1))  # (x, y, z) in [0, 1]
 
     def forward(self, points: Tensor, batch_index: Tensor | None = None, clip: Tensor | None = None,
-                clip_mask: Tensor | None = None) -> PanopticOutput:
+                clip_mask: Tensor | None = None, *, vox: Voxelization | None = None,
+                lap: Callable[[str], None] | None = None) -> PanopticOutput:
         """points [N, C]; batch_index [N] long; clip [N, D] per-point CLIP features valid where
-        clip_mask [N] bool (None: no camera, LiDAR only)."""
+        clip_mask [N] bool (None: no camera, LiDAR only). ``vox``: the points' voxelisation when the
+        caller already made it. ``lap(stage)`` is called after "voxelise" (when voxelised here) and
+        "backbone" (U-Net + fusion + position embedding); the decoder runs after it (stage timings)."""
+        mark = lap or (lambda _stage: None)
         c = self.cfg.model.backbone.in_channels
-        vox = self.voxelize(points, batch_index)
+        if vox is None:
+            vox = self.voxelize(points, batch_index)
+            mark("voxelise")
         p = points[vox.valid][:, :c]
         p2v = vox.point_to_voxel[vox.valid]
         if vox.num_voxels:
@@ -260,6 +267,7 @@ class PanopticNet(nn.Module):
         pos = self._positions(vox)
         offsets = torch.zeros(vox.batch_size + 1, dtype=torch.long, device=batch.device)
         offsets[1:] = torch.bincount(batch, minlength=vox.batch_size).cumsum(0)
+        mark("backbone")
         masks, embeds = [], []
         for b in range(vox.batch_size):
             lo, hi = int(offsets[b]), int(offsets[b + 1])
