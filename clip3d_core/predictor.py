@@ -18,7 +18,7 @@ from torch import Tensor
 
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.model import Clip3DNet
-from clip3d_core.model.panoptic import PanopticNet, point_embeddings
+from clip3d_core.model.panoptic import PanopticNet, mask_pooled_clip, point_embeddings, pooled_clip_probs
 from clip3d_core.model.panoptic_merge import panoptic_merge
 
 
@@ -136,16 +136,19 @@ def predict_panoptic(
     ``text`` [T, D] holds one row per name (``name_class`` [T] their classes; None = one per
     class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped.
     ``camera``: CLIP features at the points (or a `CameraSource` making them; it is asked for the
-    points inside the grid, known only after voxelising), used by fusion heads only. Points scoring
+    points inside the grid, known only after voxelising), used by fusion heads and by the PFC
+    baseline's fixed classifier (each query scored by the CLIP features pooled in its mask,
+    `pooled_clip_probs`; without a camera such a model names base classes only). Points scoring
     below ``score_threshold`` lose their label and instance. ``features=False`` skips the point
     embeddings (features None): [N, D] floats rebuilt from every query, several times the merge's
-    own cost on a large cloud, which serving only needs when asked. ``lap`` as in `predict`: "voxelise",
-    "image" (when fused, before the network), "backbone", "decoder" (queries -> masks and class
-    embeddings) and "merge" (class logits, point embeddings, the merge)."""
+    own cost on a large cloud, which serving only needs when asked. ``lap`` as in `predict`:
+    "voxelise", "image" (when fused, before the network), "backbone", "decoder" (queries -> masks
+    and class embeddings) and "merge" (class logits, point embeddings, the merge)."""
     mark = lap or (lambda _stage: None)
     if batch_index is None:
         batch_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-    if camera is not None and not model.cfg.head.fusion:
+    head = model.cfg.head
+    if camera is not None and not (head.fusion or head.classifier == "fixed"):
         camera = None
     vox = None
     if camera is not None and not isinstance(camera, CameraFeatures):
@@ -157,13 +160,25 @@ def predict_panoptic(
     clip = None if camera is None else camera.features
     out = model(points, batch_index, clip, None if camera is None else camera.mask, vox=vox, lap=mark)
     mark("decoder")
-    logits = model.class_logits(out, text.to(out.class_embed), name_class, int(thing.shape[0]))
+    text = text.to(out.class_embed)
+    logits = model.class_logits(out, text, name_class, int(thing.shape[0]))
     embeddings = point_embeddings(out) if features else None
     results = []
     for b in range(out.vox.batch_size):
         sel = batch_index == b
         p2v = out.sample_point_to_voxel(batch_index, b)
-        merged = panoptic_merge(out.mask_logits[b], logits[b], thing, p2v, min_points=min_points)
+        class_logits = logits[b]
+        if head.classifier == "fixed":
+            v0, v1 = int(out.voxel_offsets[b]), int(out.voxel_offsets[b + 1])
+            if out.clip is None or out.clip_mask is None:  # no camera: nothing pooled, base classes only
+                pooled = torch.zeros_like(out.class_embed[b])
+                has = torch.zeros(pooled.shape[0], dtype=torch.bool, device=pooled.device)
+            else:
+                pooled, has = mask_pooled_clip(out.mask_logits[b], out.clip[v0:v1], out.clip_mask[v0:v1])
+            probs = pooled_clip_probs(class_logits, pooled, has, text, name_class, alpha=head.pool_alpha,
+                                      scale=head.pool_scale)
+            class_logits = torch.logit(probs, eps=1e-6)  # the merge reads sigmoid scores
+        merged = panoptic_merge(out.mask_logits[b], class_logits, thing, p2v, min_points=min_points)
         labels, instances = merged.semantic, merged.instance
         if score_threshold is not None:
             low = merged.score < score_threshold

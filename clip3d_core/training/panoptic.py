@@ -58,6 +58,10 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
     distillation terms run only with ``point_targets``, the frozen teacher's per-point CLIP features)."""
     if batch["labels"] is None:
         raise ValueError("panoptic training needs labelled frames")
+    head = model.cfg.head
+    if head.classifier == "fixed" and tuple(head.base_classes) != tuple(task.split.base_ids):
+        raise ValueError(f"the fixed classifier's classes {head.base_classes} are not the split's base "
+                         f"classes {task.split.base_ids}")
     points, batch_index = batch["points"], batch["batch_index"]
     clip = None if point_targets is None else point_targets.features
     seen = None if point_targets is None else point_targets.visible
@@ -75,7 +79,9 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
         if out.clip is not None:
             vclip.append(out.clip[v0:v1])
             vmask.append(out.clip_mask[v0:v1])
-    class_logits = model.class_logits(out, task.base_text)
+    # base columns of the whole vocabulary's logits: the cosine head scores each class alone, the
+    # fixed classifier writes its outputs into exactly these columns
+    class_logits = model.class_logits(out, task.text)[..., list(task.split.base_ids)]
     base_index = base_class_index(task.split.num_classes, task.split.base_ids)
     state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
                                       task.stuff_classes, task.matching, vclip or None, vmask or None)

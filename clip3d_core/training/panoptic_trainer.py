@@ -62,9 +62,12 @@ class PanopticTrainer:
         self.text, self.bank = build_text(cfg, self.loaded, self.vocab)
         self.train_set, self.val_set = build_datasets(cfg.data, split)
         self.teacher = build_teacher(cfg.teacher, self.loaded)
+        # the split fixes the stuff queries and, for the PFC baseline's fixed classifier, its classes
+        split_ids = self.panoptic_split.base_ids
+        fixed = {"base_classes": split_ids} if cfg.panoptic.head.get("classifier") == "fixed" else {}
         head = from_dict(PanopticHeadConfig, {
             **cfg.panoptic.head, "num_stuff_queries": len(self.panoptic_split.base_stuff_ids),
-            "camera_dropout": cfg.fusion.camera_dropout}, where="panoptic.head")
+            "camera_dropout": cfg.fusion.camera_dropout, **fixed}, where="panoptic.head")
         self.model_cfg = PanopticModelConfig(build_model_config(cfg, self.bank.identity.embed_dim), head)
         self.model = PanopticNet(self.model_cfg)
         self.task = PanopticTask(self.panoptic_split, self.text, cfg.loss)
