@@ -70,9 +70,9 @@ class SegmentationResult:
     """Per input point (input order): ``labels`` uint16 index into ``vocabulary`` (65535 =
     unlabelled), ``scores`` float32 softmax probability of that label (0 where invalid), ``valid``
     (finite and inside the model's range). ``timings_ms``: voxelise, backbone, [image], classify,
-    total (panoptic: [voxelise, image], network, classify, total). ``features`` [N, D] float32
-    only when asked for (``return_features=True``). ``instances`` uint32 [N] for panoptic models
-    only (0 = none / stuff; None otherwise)."""
+    total (panoptic: voxelise, [image], backbone, decoder, merge, classify, total). ``features``
+    [N, D] float32 only when asked for (``return_features=True``). ``instances`` uint32 [N] for
+    panoptic models only (0 = none / stuff; None otherwise)."""
 
     labels: np.ndarray
     scores: np.ndarray
@@ -196,7 +196,7 @@ class Segmenter:
         """
         ckpt = load_checkpoint(path)
         model = ckpt.build_model(device)
-        fusion = ckpt.model_config.fusion if ckpt.panoptic is None else ckpt.panoptic.head.fusion
+        fusion = ckpt.model_config.fusion if ckpt.panoptic is None else ckpt.panoptic.head.reads_camera
         bank = None
         if embedding_bank == CHECKPOINT_BANK:
             if ckpt.text_bank is None:
@@ -399,7 +399,8 @@ class Segmenter:
             else:
                 thing = torch.from_numpy(thing_mask(vocab, self.panoptic.things)).to(self.device)
                 pred = predict_panoptic(self.model, x, text, thing, min_points=self.panoptic.min_points,
-                                        camera=camera, score_threshold=threshold, lap=watch.lap)[0]
+                                        camera=camera, score_threshold=threshold, features=return_features,
+                                        lap=watch.lap)[0]
             outputs = {"valid": pred.valid, "label": pred.labels.to(torch.int32),
                        "score": pred.scores.float()}
             if "instances" in pred.extras:

@@ -187,3 +187,104 @@ def test_predict_panoptic_on_bad_clouds() -> None:
                                 batch_index=torch.cat([torch.zeros(400), torch.ones(200)]).long())
     assert (both[0].labels[::2] == -1).all() and (both[0].labels[1::2] >= 0).any()
     assert (both[1].labels == -1).all() and torch.isfinite(both[0].features).all()
+
+
+def test_pooled_clip_scores_equal_hand_computation() -> None:
+    """PFC baseline: each mask pools the frozen CLIP features of its camera-seen voxels; classes the
+    fixed classifier names get p_in^(1-a) p_clip^a, novel classes p_clip alone, masks seeing nothing
+    keep p_in (novel 0)."""
+    from clip3d_core.model.panoptic import mask_pooled_clip, pooled_clip_probs
+
+    # 3 queries over 4 voxels: q0 covers v0, v1 (seen); q1 covers v2 (unseen); q2 covers v2, v3
+    mask = torch.tensor([[5.0, 2.0, -1.0, -3.0], [-2.0, -2.0, 4.0, -1.0], [-1.0, -4.0, 1.0, 3.0]])
+    clip = torch.tensor([[2.0, 0.0], [0.0, 2.0], [float("nan"), 9.0], [0.0, 1.0]])  # v2 unseen: never read
+    seen = torch.tensor([True, True, False, True])
+    pooled, has = mask_pooled_clip(mask, clip, seen)
+    r = math.sqrt(0.5)
+    torch.testing.assert_close(pooled, torch.tensor([[r, r], [0.0, 0.0], [0.0, 1.0]]))
+    assert has.tolist() == [True, False, True]
+
+    # vocabulary: class 0 = x, class 1 = y (both named by the fixed classifier), class 2 (novel) = x + y
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 1.0, -inf], [2.0, -1.0, -inf], [-1.0, 0.5, -inf]])
+    probs = pooled_clip_probs(logits, pooled, has, text, alpha=0.4, scale=10.0)
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    def softmax(cos: list[float]) -> list[float]:
+        e = [math.exp(10.0 * c) for c in cos]
+        return [v / sum(e) for v in e]
+
+    p0 = softmax([r, r, 1.0])  # q0's pooled feature is x + y: the novel class's direction
+    p2 = softmax([0.0, 1.0, r])
+    expected = torch.tensor([
+        [sig(0.0) ** 0.6 * p0[0] ** 0.4, sig(1.0) ** 0.6 * p0[1] ** 0.4, p0[2]],
+        [sig(2.0), sig(-1.0), 0.0],  # nothing seen in q1's mask: the fixed classifier alone
+        [sig(-1.0) ** 0.6 * p2[0] ** 0.4, sig(0.5) ** 0.6 * p2[1] ** 0.4, p2[2]],
+    ])
+    torch.testing.assert_close(probs, expected)
+    assert probs[0].argmax() == 2 and probs[2].argmax() == 1
+    # max over names: a second name of class 2 equal to q2's pooled feature lifts its cosine to 1
+    names = torch.cat([text, torch.tensor([[0.0, 1.0]])])
+    name_class = torch.tensor([0, 1, 2, 2])
+    by_names = pooled_clip_probs(logits, pooled, has, names, name_class, alpha=0.4, scale=10.0)
+    p2 = softmax([0.0, 1.0, 1.0])
+    assert by_names[2, 2].item() == pytest.approx(p2[2])
+
+
+def test_fixed_classifier_names_its_base_classes_only() -> None:
+    from clip3d_core.model.panoptic import FixedClassifier
+
+    torch.manual_seed(0)
+    head = FixedClassifier(D, (0, 2), init_bias=-4.0)
+    embed = F.normalize(torch.randn(2, 3, D), dim=-1)
+    logits = head(embed, torch.randn(4, D))  # the text only sets the vocabulary size
+    own = head.linear(embed)
+    torch.testing.assert_close(logits[..., [0, 2]], own)
+    assert torch.isneginf(logits[..., [1, 3]]).all()
+    assert head(embed, torch.randn(5, D), torch.tensor([0, 0, 1, 2, 3]), 4).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="lacks"):
+        head(embed, torch.randn(2, D))
+    with pytest.raises(ValueError, match="distinct base_classes"):
+        PanopticHeadConfig(classifier="fixed")
+    with pytest.raises(ValueError, match="pool_alpha"):
+        PanopticHeadConfig(pool_alpha=1.5)
+
+
+def test_pfc_baseline_novel_classes_come_only_from_pooled_clip(tmp_path) -> None:
+    """`predict_panoptic` with a fixed-classifier (PFC) model: without a camera it never names a novel
+    class; with CLIP features pointing at the novel class's text it does. Saved and loaded alike."""
+    from clip3d_core.checkpoint import load_checkpoint, save_checkpoint
+    from clip3d_core.clip import ClipIdentity, tiny_clip_config
+    from clip3d_core.model.panoptic import PanopticInfo
+    from clip3d_core.predictor import CameraFeatures, predict_panoptic
+
+    torch.manual_seed(0)
+    cfg = tiny_config(fusion=False, classifier="fixed", base_classes=(0, 1, 2))
+    net = PanopticNet(cfg).eval()
+    assert tuple(net.classifier.classes.tolist()) == (0, 1, 2)
+    text = F.normalize(torch.randn(4, D), dim=1)  # class 3 is novel
+    thing = torch.tensor([False, True, False, True])
+    pts = cloud(600, 2)
+    everywhere = torch.ones(len(pts), dtype=torch.bool)
+    novel_feature = CameraFeatures(text[3].expand(len(pts), -1), everywhere)
+    with torch.no_grad():
+        (lidar,) = predict_panoptic(net, pts, text, thing, min_points=1)
+        (unseen,) = predict_panoptic(net, pts, text, thing, min_points=1,
+                                     camera=CameraFeatures(novel_feature.features, ~everywhere))
+        (seen,) = predict_panoptic(net, pts, text, thing, min_points=1, camera=novel_feature)
+    assert (lidar.labels >= 0).any() and not (lidar.labels == 3).any()
+    assert torch.equal(unseen.labels, lidar.labels)  # no camera-seen voxel: the fixed classifier alone
+    assert (seen.labels == 3).float().mean() > 0.5
+    # a checkpoint keeps the classifier kind and its classes
+    identity = ClipIdentity("clip3d-tiny", "random:0", D)
+    path = save_checkpoint(tmp_path / "pfc.pt", net, cfg.model, tiny_clip_config(), identity,
+                           vocabulary=["road", "car", "grass", "bus"],
+                           panoptic=PanopticInfo(cfg.head, ("car", "bus"), 1))
+    loaded = load_checkpoint(path, identity).build_model().eval()
+    assert loaded.cfg.head == cfg.head
+    with torch.no_grad():
+        (again,) = predict_panoptic(loaded, pts, text, thing, min_points=1, camera=novel_feature)
+    assert torch.equal(again.labels, seen.labels)

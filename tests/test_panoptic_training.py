@@ -151,3 +151,26 @@ def test_clip3d_train_panoptic_setting(tmp_path) -> None:
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"] == metrics
     with pytest.raises(ConfigError, match="disable pseudo"):
         load_train_config(config, ["pseudo.enabled=true"])
+
+
+def test_pfc_baseline_from_config(tmp_path, data) -> None:
+    """``panoptic.head.classifier: fixed`` (the PFC baseline) trains through `clip3d train`: its classes
+    are the split's base classes, and a split that disagrees is refused by the training step."""
+    from pathlib import Path
+
+    from clip3d_core.checkpoint import load_checkpoint
+    from clip3d_core.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "training" / "synthetic_panoptic_tiny.yaml"
+    args = ["train", "--config", str(config), "--out", str(tmp_path), "--set", "trainer.iterations=2",
+            "--set", "panoptic.head.classifier=fixed", "--set", "panoptic.head.fusion=false",
+            "--set", "loss.object_distill.weight=0", "--set", "loss.voxel_distill.weight=0"]
+    assert main(args) == 0
+    head = load_checkpoint(tmp_path / "final.pt").panoptic.head
+    assert head.classifier == "fixed" and head.base_classes == SPLIT.base_ids and not head.fusion
+    frames, text, targets = data
+    torch.manual_seed(0)
+    model = PanopticNet(dataclasses.replace(make_model().cfg, head=head))
+    with pytest.raises(ValueError, match="not the split's base classes"):
+        task = PanopticTask(load_panoptic_split("nuscenes_b12n4"), text)
+        training_losses(model, task, collate_frames(frames), targets)

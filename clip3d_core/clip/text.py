@@ -64,15 +64,6 @@ class NameEmbeddings:
         summed = torch.zeros(self.num_classes, text.shape[1], dtype=text.dtype, device=text.device)
         return F.normalize(summed.index_add_(0, self.name_class.to(text.device), text), dim=-1)
 
-    def select(self, classes: Sequence[int]) -> NameEmbeddings:
-        """The rows of ``classes`` only, renumbered 0..len(classes)-1 in the given order."""
-        column = torch.full((self.num_classes,), -1, dtype=torch.long)
-        column[list(classes)] = torch.arange(len(classes))
-        owner = column[self.name_class.cpu()]
-        keep = owner >= 0
-        return NameEmbeddings(self.text[keep.to(self.text.device)], owner[keep].to(self.name_class.device),
-                              len(classes))
-
     def to(self, device: str | torch.device) -> NameEmbeddings:
         return NameEmbeddings(self.text.to(device), self.name_class.to(device), self.num_classes)
 

@@ -19,6 +19,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+from clip3d_core.model.panoptic import mask_pooled_clip
+
 
 @dataclass(frozen=True)
 class MatchingCost:
@@ -155,12 +157,10 @@ def object_distillation_loss(class_embed: Tensor, mask_logits: Tensor, query: Te
     """L_O: mean over ``query`` of ``1 - cos(e_q, mean of the frozen CLIP features of the camera-seen
     voxels in q's predicted mask (p > 0.5))``. The mask only selects voxels (no gradient through it);
     queries whose mask holds no seen voxel are skipped."""
-    inside = (mask_logits[query].detach() > 0) & clip_mask.unsqueeze(0)  # [K, V]
-    has = inside.any(dim=1)
+    pooled, has = mask_pooled_clip(mask_logits[query].detach(), clip, clip_mask)
     if not bool(has.any()):
         return class_embed.sum() * 0.0
-    pooled = inside[has].to(clip.dtype) @ clip  # direction only: the mean's scale does not matter
-    return (1 - F.cosine_similarity(class_embed[query[has]], pooled, dim=1)).mean()
+    return (1 - F.cosine_similarity(class_embed[query[has]], pooled[has], dim=1)).mean()
 
 
 def voxel_distillation_loss(class_embed: Tensor, mask_logits: Tensor, clip: Tensor, clip_mask: Tensor

@@ -7,6 +7,11 @@ mask decoder and one cosine classification head for base and novel classes.
         embedding), self-attn, FFN] -> per query: mask logits over voxels, class embedding in CLIP space
     class logit = learned scale * max over the class's names of cos(embedding, text) + learned bias
 
+``classifier: fixed`` is the PFC-style baseline of the paper (P3Former + FC-CLIP): a closed-set learned
+classifier over the base classes instead of the cosine head, and at inference each query's mask pools
+the frozen CLIP features of its camera-seen voxels (`mask_pooled_clip`); novel classes are scored by
+that pooled feature alone, base classes by FC-CLIP's geometric ensemble of both (`pooled_clip_probs`).
+
 Voxels no camera sees get a learned "no image" embedding instead of a CLIP feature; during training a
 whole sample's CLIP input is dropped with probability ``camera_dropout`` so the model also runs on
 LiDAR alone. The distillation targets (`PanopticOutput.clip`) are never dropped.
@@ -20,7 +25,9 @@ query can bind to a place as well as to an appearance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,11 @@ class PanopticHeadConfig:
 
     num_stuff_queries: one fixed query per base stuff class (the split decides how many).
     fusion: False = LiDAR features only (the PFC-style baseline's input).
+    classifier: "cosine" = the one open-vocabulary head; "fixed" = the PFC baseline's closed-set
+        classifier, one learned output per entry of ``base_classes`` (the vocabulary row, i.e. dataset
+        class id, of each), with novel classes scored only by pooled CLIP features at inference.
+    pool_alpha: FC-CLIP's geometric-ensemble weight of the pooled CLIP score for the fixed classes
+        (its default 0.4); pool_scale: the softmax scale of pooled-CLIP cosines (CLIP's 100).
     """
 
     hidden: int = 128
@@ -52,6 +64,10 @@ class PanopticHeadConfig:
     camera_dropout: float = 0.2
     init_logit_scale: float = 10.0
     init_logit_bias: float = -4.0  # sigmoid(-4) ~ 0.02: most (query, class) pairs are negatives
+    classifier: Literal["cosine", "fixed"] = "cosine"
+    base_classes: tuple[int, ...] = ()
+    pool_alpha: float = 0.4
+    pool_scale: float = 100.0
 
     def __post_init__(self) -> None:
         if min(self.hidden, self.num_thing_queries, self.num_layers, self.num_heads, self.ffn) < 1:
@@ -61,10 +77,20 @@ class PanopticHeadConfig:
         if self.num_stuff_queries < 0 or not 0.0 <= self.camera_dropout <= 1.0 or self.init_logit_scale <= 0:
             raise ValueError(
                 f"need num_stuff_queries >= 0, camera_dropout in [0, 1], init_logit_scale > 0: {self}")
+        if self.classifier == "fixed" and (not self.base_classes or min(self.base_classes) < 0
+                                           or len(set(self.base_classes)) != len(self.base_classes)):
+            raise ValueError(f"a fixed classifier needs distinct base_classes >= 0: {self.base_classes}")
+        if not 0.0 <= self.pool_alpha <= 1.0 or self.pool_scale <= 0:
+            raise ValueError(f"need pool_alpha in [0, 1] and pool_scale > 0: {self}")
 
     @property
     def num_queries(self) -> int:
         return self.num_thing_queries + self.num_stuff_queries
+
+    @property
+    def reads_camera(self) -> bool:
+        """CLIP features at the points are an input: fused, or pooled by the fixed classifier."""
+        return self.fusion or self.classifier == "fixed"
 
 
 @dataclass(frozen=True)
@@ -172,6 +198,19 @@ class DecoderLayer(nn.Module):
         return self.norms[2](q + self.ffn(q))
 
 
+def class_cosines(embed: Tensor, text: Tensor, name_class: Tensor | None = None,
+                  num_classes: int | None = None) -> Tensor:
+    """embed [N, D]; text [T, D] one row per name; name_class [T] long class of each name (None: one
+    name per class) -> [N, C] max over each class's names of the cosine."""
+    per_name = cosine_logits(embed, text.to(embed.dtype), 1.0)
+    if name_class is None:
+        return per_name
+    c = int(name_class.max()) + 1 if num_classes is None else num_classes
+    index = name_class.to(per_name.device).expand_as(per_name)
+    return per_name.new_full((embed.shape[0], c), -2.0).scatter_reduce(
+        1, index, per_name, reduce="amax", include_self=False)
+
+
 class OpenVocabClassifier(nn.Module):
     """The one classification head: ``logit(q, c) = s * max_{n in names(c)} cos(e_q, t_n) + b``.
 
@@ -191,16 +230,56 @@ class OpenVocabClassifier(nn.Module):
 
     def forward(self, embed: Tensor, text: Tensor, name_class: Tensor | None = None,
                 num_classes: int | None = None) -> Tensor:
-        """embed [..., D]; text [T, D] one row per name; name_class [T] long class of each name (None:
-        one name per class) -> logits [..., C]."""
-        flat = embed.reshape(-1, embed.shape[-1])
-        per_name = cosine_logits(flat, text.to(flat.dtype), 1.0)
-        if name_class is not None:
-            c = int(name_class.max()) + 1 if num_classes is None else num_classes
-            index = name_class.to(per_name.device).expand_as(per_name)
-            per_name = per_name.new_full((flat.shape[0], c), -2.0).scatter_reduce(
-                1, index, per_name, reduce="amax", include_self=False)
-        return (self.scale * per_name + self.bias).reshape(*embed.shape[:-1], -1)
+        """embed [..., D]; text, name_class as `class_cosines` -> logits [..., C]."""
+        cos = class_cosines(embed.reshape(-1, embed.shape[-1]), text, name_class, num_classes)
+        return (self.scale * cos + self.bias).reshape(*embed.shape[:-1], -1)
+
+
+class FixedClassifier(nn.Module):
+    """The PFC baseline's closed-set classifier: a learned linear layer on the class embedding with one
+    output per base class, written into the vocabulary columns ``classes``; every other class of a
+    vocabulary scores -inf (the classifier cannot name it). The text only fixes the vocabulary size:
+    the columns are the training vocabulary's class ids (a benchmark baseline, not a live vocabulary)."""
+
+    def __init__(self, embed_dim: int, classes: tuple[int, ...], init_bias: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, len(classes))
+        nn.init.constant_(self.linear.bias, init_bias)
+        self.register_buffer("classes", torch.tensor(classes, dtype=torch.long), persistent=False)
+
+    def forward(self, embed: Tensor, text: Tensor, name_class: Tensor | None = None,
+                num_classes: int | None = None) -> Tensor:
+        c = num_classes or (text.shape[0] if name_class is None else int(name_class.max()) + 1)
+        if c <= int(self.classes.max()):
+            raise ValueError(f"a vocabulary of {c} classes lacks the fixed classes {self.classes.tolist()}")
+        own = self.linear(embed)
+        out = own.new_full((*own.shape[:-1], c), float("-inf"))
+        return out.index_copy(-1, self.classes, own)
+
+
+def mask_pooled_clip(mask_logits: Tensor, clip: Tensor, clip_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """mask_logits [Q, V]; clip [V, D] frozen voxel CLIP features valid where clip_mask [V] -> per query
+    the unit mean of the CLIP features of the camera-seen voxels in its predicted mask (p > 0.5) [Q, D]
+    (zero rows where none) and [Q] bool (it has one). What L_O distils and what the PFC baseline scores."""
+    inside = (mask_logits > 0) & clip_mask.unsqueeze(0)
+    pooled = F.normalize(inside.to(clip.dtype) @ torch.where(clip_mask.unsqueeze(1), clip, 0.0), dim=1)
+    return pooled, inside.any(dim=1)
+
+
+def pooled_clip_probs(class_logits: Tensor, pooled: Tensor, has: Tensor, text: Tensor,
+                      name_class: Tensor | None = None, *, alpha: float, scale: float) -> Tensor:
+    """The PFC baseline's class probabilities of one sample's queries [Q, C] (FC-CLIP's ensemble).
+
+    class_logits [Q, C]: the fixed classifier's logits (-inf for the classes it cannot name);
+    pooled [Q, D], has [Q]: `mask_pooled_clip`. p_in = sigmoid(logit), p_clip = softmax over the
+    vocabulary of ``scale * cos(pooled, text)``. A class the classifier names gets
+    ``p_in^(1 - alpha) * p_clip^alpha``, any other (novel) class p_clip alone; a query whose mask holds no
+    camera-seen voxel keeps p_in (novel classes 0), as FC-CLIP's ensemble on valid masks."""
+    p_in = class_logits.sigmoid()
+    p_clip = (scale * class_cosines(pooled, text, name_class, class_logits.shape[1])).softmax(dim=1)
+    named = torch.isfinite(class_logits)
+    mixed = torch.where(named, p_in.pow(1 - alpha) * p_clip.pow(alpha), p_clip)
+    return torch.where(has.unsqueeze(1), mixed, p_in)
 
 
 class PanopticNet(nn.Module):
@@ -223,7 +302,9 @@ class PanopticNet(nn.Module):
                                         nn.Linear(h.hidden, h.hidden))
         self.class_embed = nn.Sequential(nn.Linear(h.hidden, h.hidden), nn.ReLU(inplace=True),
                                          nn.Linear(h.hidden, m.embed_dim))
-        self.classifier = OpenVocabClassifier(h.init_logit_scale, h.init_logit_bias)
+        self.classifier: OpenVocabClassifier | FixedClassifier = (
+            FixedClassifier(m.embed_dim, h.base_classes, h.init_logit_bias) if h.classifier == "fixed"
+            else OpenVocabClassifier(h.init_logit_scale, h.init_logit_bias))
 
     def voxelize(self, points: Tensor, batch_index: Tensor | None = None) -> Voxelization:
         return voxelize_points(points, self.cfg.model, batch_index)
@@ -234,14 +315,20 @@ class PanopticNet(nn.Module):
         return self.position((zyx / shape).flip(1))  # (x, y, z) in [0, 1]
 
     def forward(self, points: Tensor, batch_index: Tensor | None = None, clip: Tensor | None = None,
-                clip_mask: Tensor | None = None, *, generator: torch.Generator | None = None
+                clip_mask: Tensor | None = None, *, vox: Voxelization | None = None,
+                lap: Callable[[str], None] | None = None, generator: torch.Generator | None = None
                 ) -> PanopticOutput:
         """points [N, C]; batch_index [N] long; clip [N, D] per-point CLIP features valid where
-        clip_mask [N] bool (None: no camera, LiDAR only). ``generator`` (CPU) draws the training
-        camera drop-out (the trainer's per-iteration generator, so resumed runs drop the same
-        frames); None = the global RNG."""
+        clip_mask [N] bool (None: no camera, LiDAR only). ``vox``: the points' voxelisation when the
+        caller already made it. ``lap(stage)`` is called after "voxelise" (when voxelised here) and
+        "backbone" (U-Net + fusion + position embedding); the decoder runs after it (stage timings).
+        ``generator`` (CPU) draws the training camera drop-out (the trainer's per-iteration
+        generator, so resumed runs drop the same frames); None = the global RNG."""
+        mark = lap or (lambda _stage: None)
         c = self.cfg.model.backbone.in_channels
-        vox = self.voxelize(points, batch_index)
+        if vox is None:
+            vox = self.voxelize(points, batch_index)
+            mark("voxelise")
         p = points[vox.valid][:, :c]
         p2v = vox.point_to_voxel[vox.valid]
         if vox.num_voxels:
@@ -265,6 +352,7 @@ class PanopticNet(nn.Module):
         pos = self._positions(vox)
         offsets = torch.zeros(vox.batch_size + 1, dtype=torch.long, device=batch.device)
         offsets[1:] = torch.bincount(batch, minlength=vox.batch_size).cumsum(0)
+        mark("backbone")
         masks, embeds = [], []
         for b in range(vox.batch_size):
             lo, hi = int(offsets[b]), int(offsets[b + 1])
@@ -279,7 +367,7 @@ class PanopticNet(nn.Module):
 
     def class_logits(self, out: PanopticOutput, text: Tensor, name_class: Tensor | None = None,
                      num_classes: int | None = None) -> Tensor:
-        """[B, Q, C] logits of every query for a vocabulary (see `OpenVocabClassifier`)."""
+        """[B, Q, C] logits of every query for a vocabulary (`OpenVocabClassifier`, `FixedClassifier`)."""
         return self.classifier(out.class_embed, text, name_class, num_classes)
 
 

@@ -181,7 +181,8 @@ class PanopticConfig:
     """Setting "panoptic" (`clip3d_core.training.panoptic_trainer`): the base / novel split (a name of
     `clip3d_core.data.panoptic` or a YAML file; its dataset fixes things and min segment size, and it
     replaces data.split / data.unseen) and `PanopticHeadConfig` overrides (the base-stuff query count
-    follows the split, the camera drop-out is fusion.camera_dropout)."""
+    follows the split, the camera drop-out is fusion.camera_dropout; ``classifier: fixed``, the PFC
+    baseline, takes the split's base classes)."""
 
     split: str = "synthetic_b13n4"
     head: dict[str, Any] = field(default_factory=dict)

@@ -47,7 +47,6 @@ class PanopticTask:
             c = self.text.shape[0]
             self.text = NameEmbeddings(self.text, torch.arange(c, device=self.text.device), c)
         self.names: NameEmbeddings = self.text
-        self.base_names = self.names.select(self.split.base_ids)  # what the classification loss sees
 
     @property
     def stuff_classes(self) -> Tensor:
@@ -65,6 +64,10 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
     draws the camera drop-out (`PanopticNet.forward`)."""
     if batch["labels"] is None:
         raise ValueError("panoptic training needs labelled frames")
+    head = model.cfg.head
+    if head.classifier == "fixed" and tuple(head.base_classes) != tuple(task.split.base_ids):
+        raise ValueError(f"the fixed classifier's classes {head.base_classes} are not the split's base "
+                         f"classes {task.split.base_ids}")
     points, batch_index = batch["points"], batch["batch_index"]
     device = points.device
     clip = None if point_targets is None else point_targets.features
@@ -84,8 +87,11 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
         if out.clip is not None:
             vclip.append(out.clip[v0:v1])
             vmask.append(out.clip_mask[v0:v1])
-    base, names = task.base_names.to(device), task.names.to(device)
-    class_logits = model.class_logits(out, base.text, base.name_class, base.num_classes)
+    # base columns of the whole vocabulary's logits (a class: the max over its names): the cosine
+    # head scores each class alone, the fixed classifier writes its outputs into exactly these columns
+    names = task.names.to(device)
+    class_logits = model.class_logits(out, names.text, names.name_class,
+                                      names.num_classes)[..., list(task.split.base_ids)]
     base_index = base_class_index(task.split.num_classes, task.split.base_ids).to(device)
     state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
                                       task.stuff_classes.to(device), task.matching, vclip or None,

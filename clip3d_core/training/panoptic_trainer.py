@@ -66,9 +66,12 @@ class PanopticTrainer(Trainer):
         return self.panoptic_split.semantic
 
     def _model_config(self) -> PanopticModelConfig:
+        # the split fixes the stuff queries and, for the PFC baseline's fixed classifier, its classes
+        split, head_cfg = self.panoptic_split, self.cfg.panoptic.head
+        fixed = {"base_classes": split.base_ids} if head_cfg.get("classifier") == "fixed" else {}
         head = from_dict(PanopticHeadConfig, {
-            **self.cfg.panoptic.head, "num_stuff_queries": len(self.panoptic_split.base_stuff_ids),
-            "camera_dropout": self.cfg.fusion.camera_dropout}, where="panoptic.head")
+            **head_cfg, "num_stuff_queries": len(split.base_stuff_ids),
+            "camera_dropout": self.cfg.fusion.camera_dropout, **fixed}, where="panoptic.head")
         return PanopticModelConfig(build_model_config(self.cfg, self.identity.embed_dim), head)
 
     def _build_network(self) -> nn.Module:
@@ -76,7 +79,7 @@ class PanopticTrainer(Trainer):
 
     def _needs_teacher(self) -> bool:
         distill = any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
-        return self.model_cfg.head.fusion or distill
+        return self.model_cfg.head.reads_camera or distill
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self.cfg.trainer.amp != "off" and self.device.type == "cuda":
@@ -101,7 +104,8 @@ class PanopticTrainer(Trainer):
         # from this iteration's generator (the global RNG would make a resumed run differ).
         batch = {**batch, "points": aug, "batch_index": batch_index}
         parts = training_losses(self.bare, self.task, batch, pt, forward=self.model, generator=gen)
-        return parts, {"logit_scale": float(self.bare.classifier.scale.detach())}
+        scale = getattr(self.bare.classifier, "scale", None)  # the cosine head's (not the fixed one's)
+        return parts, {} if scale is None else {"logit_scale": float(scale.detach())}
 
     # ------------------------------------------------------------------ evaluation
     def predictor(self) -> PanopticFramePredictor:

@@ -95,7 +95,7 @@ class PanopticFramePredictor(FramePredictor):
         self.model, self.names, self.device = model, names.to(device), device
         self.text = self.names.class_vectors() if text is None else text
         self.thing, self.min_points = thing.to(device), min_points
-        self.teacher = teacher if model.cfg.head.fusion else None
+        self.teacher = teacher if model.cfg.head.reads_camera else None
         self.score_threshold = score_threshold
 
     def _predict(self, points: Tensor, camera: CameraSource | None) -> Prediction:
