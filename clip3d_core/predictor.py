@@ -148,7 +148,7 @@ def predict_panoptic(
     if batch_index is None:
         batch_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     head = model.cfg.head
-    if camera is not None and not (head.fusion or head.classifier == "fixed"):
+    if camera is not None and not head.reads_camera:
         camera = None
     vox = None
     if camera is not None and not isinstance(camera, CameraFeatures):

@@ -196,7 +196,7 @@ class Segmenter:
         """
         ckpt = load_checkpoint(path)
         model = ckpt.build_model(device)
-        fusion = ckpt.model_config.fusion if ckpt.panoptic is None else ckpt.panoptic.head.fusion
+        fusion = ckpt.model_config.fusion if ckpt.panoptic is None else ckpt.panoptic.head.reads_camera
         bank = None
         if embedding_bank == CHECKPOINT_BANK:
             if ckpt.text_bank is None:

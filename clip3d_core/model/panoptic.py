@@ -87,6 +87,11 @@ class PanopticHeadConfig:
     def num_queries(self) -> int:
         return self.num_thing_queries + self.num_stuff_queries
 
+    @property
+    def reads_camera(self) -> bool:
+        """CLIP features at the points are an input: fused, or pooled by the fixed classifier."""
+        return self.fusion or self.classifier == "fixed"
+
 
 @dataclass(frozen=True)
 class PanopticModelConfig:
@@ -311,11 +316,14 @@ class PanopticNet(nn.Module):
 
     def forward(self, points: Tensor, batch_index: Tensor | None = None, clip: Tensor | None = None,
                 clip_mask: Tensor | None = None, *, vox: Voxelization | None = None,
-                lap: Callable[[str], None] | None = None) -> PanopticOutput:
+                lap: Callable[[str], None] | None = None, generator: torch.Generator | None = None
+                ) -> PanopticOutput:
         """points [N, C]; batch_index [N] long; clip [N, D] per-point CLIP features valid where
         clip_mask [N] bool (None: no camera, LiDAR only). ``vox``: the points' voxelisation when the
         caller already made it. ``lap(stage)`` is called after "voxelise" (when voxelised here) and
-        "backbone" (U-Net + fusion + position embedding); the decoder runs after it (stage timings)."""
+        "backbone" (U-Net + fusion + position embedding); the decoder runs after it (stage timings).
+        ``generator`` (CPU) draws the training camera drop-out (the trainer's per-iteration
+        generator, so resumed runs drop the same frames); None = the global RNG."""
         mark = lap or (lambda _stage: None)
         c = self.cfg.model.backbone.in_channels
         if vox is None:
@@ -336,7 +344,9 @@ class PanopticNet(nn.Module):
         batch = vox.coords[:, 0].long()
         fused_mask = vmask
         if vmask is not None and self.training and self.cfg.head.camera_dropout > 0:
-            dropped = torch.rand(vox.batch_size, device=batch.device) < self.cfg.head.camera_dropout
+            draw = torch.rand(vox.batch_size, generator=generator) if generator is not None else \
+                torch.rand(vox.batch_size, device=batch.device)
+            dropped = draw.to(batch.device) < self.cfg.head.camera_dropout
             fused_mask = vmask & ~dropped[batch]
         feats = self.fusion(lidar, vclip, fused_mask)
         pos = self._positions(vox)
