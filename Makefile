@@ -11,6 +11,8 @@
 #   GPU_CHECK_OUT folder of `make gpu-check` (default: outputs/gpu_check)
 #   VENV     venv folder (default: .venv)
 #   DEMO_OUT demo output folder (default: demo_output)
+#   DEMO_PANOPTIC_OUT output folder of `make demo-panoptic` (default: demo_output_panoptic)
+#   DEMO_ARGS extra demo arguments, e.g. DEMO_ARGS="--checkpoint model.pt" (python -m clip3d_ros.demo --help)
 #   PYTEST_ARGS extra pytest arguments
 
 PYTHON ?= python3
@@ -19,6 +21,8 @@ GPU ?=
 VENV ?= .venv
 GPU_CHECK_OUT ?= outputs/gpu_check
 DEMO_OUT ?= demo_output
+DEMO_PANOPTIC_OUT ?= demo_output_panoptic
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 DEVKIT := nuscenes-devkit==1.2.0
 
@@ -38,7 +42,7 @@ export ROS_DOMAIN_ID ?= 42
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_loopback.xml
 
-.PHONY: venv test demo lint bench gpu-check clean
+.PHONY: venv test demo demo-panoptic lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -57,7 +61,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m clip3d_ros.demo --out $(DEMO_OUT)
+	$(BIN)/python -m clip3d_ros.demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# The demo with an open-vocabulary panoptic model: instance boxes in the bird's-eye pictures.
+demo-panoptic: $(STAMP)
+	$(BIN)/python -m clip3d_ros.demo --out $(DEMO_PANOPTIC_OUT) \
+	  --train-config training/synthetic_panoptic_demo.yaml $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clip3d_core clip3d_ros tests launch training
@@ -70,4 +79,4 @@ gpu-check: $(STAMP)
 	PYTHON=$(BIN)/python bash benchmarks/gpu/check.sh --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_PANOPTIC_OUT) build *.egg-info

@@ -33,8 +33,11 @@ setup(
         # files into build/, finds them there; installed, they are harmless documentation.
         (f"share/{PACKAGE}", ["package.xml", "pyproject.toml", "README.md"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        # the demo's training config (clip3d_ros.demo.config.shipped_file finds it when installed)
-        (f"share/{PACKAGE}/training", ["training/synthetic_tiny.yaml"]),
+        # the demo's training configs (clip3d_ros.demo.config.shipped_file finds them when installed)
+        (
+            f"share/{PACKAGE}/training",
+            ["training/synthetic_tiny.yaml", "training/synthetic_panoptic_demo.yaml"],
+        ),
         (
             f"share/{PACKAGE}/config",
             glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz") + glob("config/*.json"),

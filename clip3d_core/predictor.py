@@ -45,7 +45,8 @@ class CameraSource(Protocol):
 class Prediction:
     """One row per input point, input order.
 
-    features: [N, D] unit point features (after fusion), zero where not ``valid``.
+    features: [N, D] unit point features (after fusion), zero where not ``valid`` (None when the
+        caller did not ask a panoptic model for them: see `predict_panoptic`).
     logits: [N, C] cosine logits at the model's temperature (None for predictors without any,
         e.g. the 2D teacher projected onto the points).
     labels: [N] long class ids, `IGNORE_INDEX` where not valid or scoring below the threshold.
@@ -55,7 +56,7 @@ class Prediction:
     extras: further per-point outputs (e.g. instance ids of a panoptic head).
     """
 
-    features: Tensor
+    features: Tensor | None
     logits: Tensor | None
     labels: Tensor
     scores: Tensor
@@ -125,6 +126,7 @@ def predict_panoptic(
     camera: CameraFeatures | CameraSource | None = None,
     name_class: Tensor | None = None,
     score_threshold: float | None = None,
+    features: bool = True,
     lap: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
     """A panoptic model's output per sample (one `Prediction` each, in ``batch_index`` order): labels
@@ -137,26 +139,30 @@ def predict_panoptic(
     points inside the grid, known only after voxelising), used by fusion heads and by the PFC
     baseline's fixed classifier (each query scored by the CLIP features pooled in its mask,
     `pooled_clip_probs`; without a camera such a model names base classes only). Points scoring
-    below ``score_threshold`` lose their label and instance. ``lap`` as in `predict`: "voxelise" and
-    "image" (when fused) before the network, "network" after the decoder."""
+    below ``score_threshold`` lose their label and instance. ``features=False`` skips the point
+    embeddings (features None): [N, D] floats rebuilt from every query, several times the merge's
+    own cost on a large cloud, which serving only needs when asked. ``lap`` as in `predict`:
+    "voxelise", "image" (when fused, before the network), "backbone", "decoder" (queries -> masks
+    and class embeddings) and "merge" (class logits, point embeddings, the merge)."""
     mark = lap or (lambda _stage: None)
     if batch_index is None:
         batch_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     head = model.cfg.head
-    if camera is not None and not (head.fusion or head.classifier == "fixed"):
+    if camera is not None and not head.reads_camera:
         camera = None
+    vox = None
     if camera is not None and not isinstance(camera, CameraFeatures):
-        valid = model.voxelize(points, batch_index).valid
+        vox = model.voxelize(points, batch_index)  # the camera source needs the points in the grid
         mark("voxelise")
         camera.start()
-        camera = camera.features(valid)
+        camera = camera.features(vox.valid)
         mark("image")
     clip = None if camera is None else camera.features
-    out = model(points, batch_index, clip, None if camera is None else camera.mask)
-    mark("network")
+    out = model(points, batch_index, clip, None if camera is None else camera.mask, vox=vox, lap=mark)
+    mark("decoder")
     text = text.to(out.class_embed)
     logits = model.class_logits(out, text, name_class, int(thing.shape[0]))
-    features = point_embeddings(out)
+    embeddings = point_embeddings(out) if features else None
     results = []
     for b in range(out.vox.batch_size):
         sel = batch_index == b
@@ -178,7 +184,8 @@ def predict_panoptic(
             low = merged.score < score_threshold
             labels = torch.where(low, IGNORE_INDEX, labels)
             instances = torch.where(low, 0, instances)
-        results.append(Prediction(features=features[sel], logits=None, labels=labels,
-                                  scores=merged.score, valid=out.vox.valid[sel],
+        results.append(Prediction(features=None if embeddings is None else embeddings[sel], logits=None,
+                                  labels=labels, scores=merged.score, valid=out.vox.valid[sel],
                                   extras={"instances": instances}))
+    mark("merge")
     return results

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clip3d_core.training import Trainer, TrainResult
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,18 @@ def tiny_panoptic_checkpoint(path: str | Path, *, fusion: bool = False, min_poin
     model = ModelConfig.small(embed_dim=load_clip(clip).identity.embed_dim, voxel_size=0.4)
     return build_untrained_checkpoint(path, model, clip, vocabulary=list(PANOPTIC_VOCABULARY),
                                       panoptic=PanopticInfo(head, PANOPTIC_THINGS, min_points))
+
+
+def assert_resumed_like_uninterrupted(straight: Trainer, resumed: Trainer, done: TrainResult,
+                                      again: TrainResult) -> None:
+    """A resumed run ends exactly as the uninterrupted one: bit-identical weights and optimizer
+    moments, the same logged losses and the same evaluations."""
+    import torch
+
+    a, b = straight.bare.state_dict(), resumed.bare.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in done.history]
+    assert again.metrics == done.metrics

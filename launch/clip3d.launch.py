@@ -5,9 +5,11 @@
 
 Arguments: params_file (default: the package's config/clip3d.yaml), checkpoint (overrides the
 file's), use_sim_time, fastdds_profile (default: config/fastdds_loopback.xml; '' keeps the
-environment's), input_topic / output_topic (what the node's relative `~/input/pointcloud` and
-`~/output/pointcloud` are remapped to; defaults /points and /clip3d/labelled_points), rviz (true:
-also start RViz with config/clip3d.rviz, showing the labelled cloud coloured by `rgb`).
+environment's), input_topic / output_topic / objects_topic (what the node's relative
+`~/input/pointcloud`, `~/output/pointcloud` and `~/output/objects` are remapped to; defaults /points,
+/clip3d/labelled_points and /clip3d/objects, label-bag's name for the objects), rviz (true: also start
+RViz with config/clip3d.rviz: the labelled cloud coloured by `rgb`, and the instance boxes of a
+panoptic model).
 
 Files and the executable come from the installed package (ament index) when there is one; else
 (AMENT_PREFIX_PATH unset or without clip3d_ros) from the source tree next to this file and the
@@ -83,6 +85,7 @@ def _node(context: LaunchContext, *args: Any, **kwargs: Any) -> list[Action]:
     remappings = [
         ("~/input/pointcloud", LaunchConfiguration("input_topic").perform(context)),
         ("~/output/pointcloud", LaunchConfiguration("output_topic").perform(context)),
+        ("~/output/objects", LaunchConfiguration("objects_topic").perform(context)),
     ]
     return [
         Node(
@@ -123,6 +126,11 @@ def generate_launch_description() -> LaunchDescription:
                 "output_topic",
                 default_value="/clip3d/labelled_points",
                 description="labelled PointCloud2 topic",
+            ),
+            DeclareLaunchArgument(
+                "objects_topic",
+                default_value="/clip3d/objects",
+                description="instance boxes (MarkerArray; panoptic models only)",
             ),
             DeclareLaunchArgument("rviz", default_value="false", description="also start RViz"),
             OpaqueFunction(function=_profile_env),

@@ -116,6 +116,9 @@ def test_tiny_demo_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((out / "summary.json").read_text())
     assert saved["frames_out"] == summary["frames_out"]
     assert "Latency" in (out / "summary.md").read_text()
+    # a semantic model has no objects: none recorded, none counted
+    assert summary["objects"] == {} and summary["object_messages"] == 0
+    assert "## Objects" not in (out / "summary.md").read_text()
 
 
 def test_the_demo_finds_its_files_in_an_installed_package(tmp_path, monkeypatch) -> None:
@@ -138,3 +141,72 @@ def test_the_demo_finds_its_files_in_an_installed_package(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"fastdds_loopback\.xml"):
         config.shipped_file("config/fastdds_loopback.xml")
     assert "training/synthetic_tiny.yaml" in (repo / "setup.py").read_text()
+
+
+def test_the_panoptic_demo_records_objects_and_boxes_them(tmp_path: Path) -> None:
+    """The demo's side of a panoptic model, without DDS (the node's side: test_ros_node): the
+    recorder writes the node's objects MarkerArrays at their clouds' stamps, the summary counts the
+    instances per class, and the bird's-eye pictures outline each instance (white boxes)."""
+    from clip3d_core.testing import tiny_panoptic_checkpoint
+    from clip3d_core.viz import bev_png
+    from clip3d_ros.demo import OBJECTS_TOPIC
+    from clip3d_ros.demo.pictures import draw_frames
+    from clip3d_ros.demo.recorder import Recorder
+    from clip3d_ros.demo.report import label_statistics
+    from clip3d_ros.tools import make_bag
+
+    world = SyntheticConfig(
+        lidar=LidarConfig(pattern="vlp16", beams=16, azimuths=256),
+        cameras=(CameraConfig(width=96, height=64),),
+    )
+    drive = make_bag.drive_config(0.3, 10.0, 0, world)
+    make_bag.write_drive_bag(tmp_path / "drive", drive, workers=1, progress=False)
+    seg = Segmenter.from_checkpoint(tiny_panoptic_checkpoint(tmp_path / "pan.pt"))
+    BagLabeller(seg, LabelOptions(progress=False)).run(tmp_path / "drive", tmp_path / "offline")
+
+    # what the node publishes (label-bag writes the same messages), through the demo's recorder
+    class NoSubscriptions:
+        def create_subscription(self, *args, **kwargs) -> None:
+            return None
+
+    recorder = Recorder(NoSubscriptions(), tmp_path / "labelled", "sqlite3", drive.start_stamp_ns)
+    reader = bag.open_reader(tmp_path / "offline")
+    for conn, _, raw in reader.messages(bag.connections_for(reader, [OUTPUT_TOPIC, OBJECTS_TOPIC])):
+        (recorder._on_output if conn.topic == OUTPUT_TOPIC else recorder._on_objects)(raw)
+    reader.close()
+    recorder.close()
+    reader = bag.open_reader(tmp_path / "labelled")
+    clouds = {ts: conversions.cloud_to_array(m)
+              for _, ts, m in bag.iter_messages(reader, bag.connections_for(reader, [OUTPUT_TOPIC]))}
+    objects = {ts: m for _, ts, m in bag.iter_messages(reader, bag.connections_for(reader, [OBJECTS_TOPIC]))}
+    reader.close()
+    assert len(clouds) == drive.drive_frames == recorder.object_messages and set(objects) == set(clouds)
+    for ts, records in clouds.items():
+        cubes = {m.id for m in objects[ts].markers if m.ns == "objects"}
+        assert cubes == set(np.unique(records["instance"][records["instance"] > 0]).tolist())
+
+    vocab = seg.vocabulary
+    hist, stats = label_statistics(tmp_path / "labelled", {vocab.version: vocab}, {})
+    counts = [len(np.unique(r["instance"][r["instance"] > 0])) for r in clouds.values()]
+    assert sum(counts) > 0, "the test needs at least one instance"
+    (summary,) = stats.values()
+    assert summary["frames"] == len(clouds) and summary["instances"] == sum(counts)
+    assert summary["per_frame_max"] == max(counts) and sum(summary["per_class"].values()) == sum(counts)
+    assert set(summary["per_class"]) <= {"car", "bus", "person"}  # thing classes only
+    assert sum(hist[vocab.version].values()) == sum(len(r) for r in clouds.values())
+
+    pictures = draw_frames(tmp_path / "labelled", tmp_path / "drive", tmp_path / "frames",
+                           {vocab.version: vocab}, {}, 3, drive.start_stamp_ns)
+    boxed = 0
+    for pic in pictures:
+        records = clouds[int(pic["stamp"])]
+        plain = bev_png(tmp_path / "plain.png", conversions.xyz_of(records), records["label"], vocab,
+                        title=f"t = {(int(pic['stamp']) - drive.start_stamp_ns) / 1e9:.1f} s, "
+                              f"vocabulary v{vocab.version}")
+        with Image.open(tmp_path / "frames" / pic["bev"]) as a, Image.open(plain) as b:
+            drawn, bare = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+        changed = (drawn != bare).any(axis=2)
+        assert (drawn[changed] == 255).all()  # only the white outlines differ
+        boxed += bool(changed.any())
+        assert changed.any() == bool((records["instance"] > 0).any())
+    assert boxed >= 1

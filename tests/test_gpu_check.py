@@ -22,7 +22,7 @@ import wheels_to_install  # noqa: E402
 def case(tag: str, backend: str, precision: str, total: float | None, **kw) -> dict:
     r = {"tag": tag, "config": kw.get("config", "small"), "points": kw.get("points", 120000),
          "cameras": kw.get("cameras", 0), "backend": backend, "precision": precision, "tf32": False,
-         "compile": False}
+         "compile": False, **({"head": kw["head"]} if "head" in kw else {})}
     if total is None:
         r["error"] = "SparseBackendError: cannot run here"
     else:
@@ -35,6 +35,7 @@ def test_ratios_pair_cases_of_one_run_only() -> None:
         case("a", "spconv", "fp32", 12.0), case("a", "spconv_triton", "fp32", 8.0),
         case("a", "spconv", "fp16", 6.0), case("a", "spconv_triton", "fp16", None),
         case("b", "spconv_triton", "fp32", 1.0),  # another run: never paired with run a's spconv
+        case("a", "spconv", "fp16", 3.0, head="panoptic"),  # another model: never paired either
     ]
     by_backend = report.ratios(results, "backend")
     assert [(r["tag"], r["precision"], r["ratio"]) for r in by_backend] == [("a", "fp32", 1.5)]
@@ -47,6 +48,7 @@ def test_targets_take_the_fastest_setting() -> None:
         case("a", "spconv", "fp32", 20.0), case("a", "spconv", "fp16", 14.0),
         case("a", "spconv", "fp16", 9.0, config="default"),  # not the small config: not this target
         case("f", "spconv", "fp16", 31.0, cameras=6, config="default"),
+        case("a", "spconv", "fp32", 9.5, head="panoptic"),  # the targets are the semantic model's
     ]
     lidar, fusion = report.targets(results)
     assert lidar["measured_ms"] == 14.0 and lidar["met"] and lidar["setting"]["precision"] == "fp16"
@@ -89,7 +91,8 @@ def test_cpu_dry_run_of_the_gpu_check(tmp_path: Path, shared_data: Path) -> None
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "gpu_check.json", "gpu_check.md"]
     data = json.loads((out / "gpu_check.json").read_text())
     phases = {p["phase"]: p for p in data["phases"]}
-    assert set(phases) == {"install", "pytest-gpu", "bench-lidar", "bench-fusion", "bench-compile"}
+    assert set(phases) == {"install", "pytest-gpu", "bench-lidar", "bench-fusion", "bench-compile",
+                           "bench-panoptic"}
     assert phases["install"]["note"] == "0 wheels"  # nothing carried, nothing installed
     assert phases["pytest-gpu"]["rc"] == 0 and data["tests"]["counts"]["failure"] == 0
     assert data["tests"]["counts"]["skipped"] == len(data["tests"]["cases"]) >= 8  # no CUDA here
@@ -101,5 +104,9 @@ def test_cpu_dry_run_of_the_gpu_check(tmp_path: Path, shared_data: Path) -> None
     fusion = rows[("fusion", "spconv")]
     assert fusion["cameras"] == 2 and fusion["stages_ms"]["image"]["median"] > 0
     assert rows[("compile", "spconv")]["compile"] and "error" not in rows[("compile", "spconv")]
+    panoptic = rows[("panoptic", "spconv")]
+    assert panoptic["head"] == "panoptic" and panoptic["stages_ms"]["decoder"]["median"] > 0
+    assert panoptic["stages_ms"]["merge"]["median"] > 0
     md = (out / "gpu_check.md").read_text()
-    assert "| lidar | small | 2000 |" in md and "## Targets" in md and "not measured" in md
+    assert "| lidar | semantic | small | 2000 |" in md and "| panoptic | panoptic | small | 2000 |" in md
+    assert "## Targets" in md and "not measured" in md

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clip3d_core.clip import Vocabulary
+from clip3d_core.clip.text import name_classes
 from clip3d_core.labels import UNLABELLED
 from clip3d_core.model.panoptic import PanopticNet
 from clip3d_core.predictor import predict_panoptic
@@ -53,13 +54,17 @@ def test_segment_returns_the_instances_of_predict_panoptic(seg: Segmenter) -> No
     thing = torch.from_numpy(thing_mask(seg.vocabulary, THINGS))
     with torch.inference_mode():
         (ref,) = predict_panoptic(seg.model, torch.from_numpy(pts), seg.text_embeddings, thing,
-                                  min_points=MIN_POINTS)
+                                  min_points=MIN_POINTS, name_class=name_classes(seg.vocabulary.entries))
     np.testing.assert_array_equal(result.instances, ref.extras["instances"].numpy())
     ref_labels = ref.labels.numpy()
     np.testing.assert_array_equal(result.labels, np.where(ref_labels >= 0, ref_labels, UNLABELLED))
     np.testing.assert_allclose(result.scores, ref.scores.numpy())
     np.testing.assert_array_equal(result.valid, ref.valid.numpy())
 
+    # the stages `clip3d bench` reports; point embeddings only when asked for (costly, unused here)
+    stages = ("voxelise", "backbone", "decoder", "merge", "classify")
+    assert set(result.timings_ms) == {*stages, "total"} and result.features is None
+    assert 0 < sum(result.timings_ms[s] for s in stages) <= result.timings_ms["total"]
     assert not result.valid[[7, 11]].any() and (result.instances[[7, 11]] == 0).all()
     assert (result.labels[[7, 11]] == UNLABELLED).all()
     # ids only on thing classes, 1..K with each id one class; stuff and unlabelled points get 0
@@ -124,7 +129,12 @@ def test_fusion_head_reads_camera_features_through_the_camera_source(tmp_path: P
     yy, xx = np.mgrid[0:96, 0:128]
     image = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)
     plain = seg.segment(pts, return_features=True)
+    voxelise = seg.model.voxelize
+    calls = []
+    seg.model.voxelize = lambda *a: calls.append(1) or voxelise(*a)  # type: ignore[method-assign]
     fused = seg.segment(pts, images=[image], cameras=[cam], return_features=True)
+    del seg.model.voxelize
+    assert len(calls) == 1, "the camera source's voxelisation is the network's"
     assert "image" in fused.timings_ms and "image" not in plain.timings_ms
     assert fused.instances is not None and np.array_equal(fused.valid, plain.valid)
     assert not np.allclose(fused.features, plain.features)

@@ -309,7 +309,9 @@ def test_launch_without_ament_prefix_path_uses_the_source_tree_or_says_why(monke
     (node,) = node_fn.execute(context)
     assert node.node_executable == str(exe)
     remaps = ["".join(part.perform(context) for part in k) for k, _ in node._Node__remappings]
-    assert remaps == ["~/input/pointcloud", "~/output/pointcloud"]
+    assert remaps == ["~/input/pointcloud", "~/output/pointcloud", "~/output/objects"]
+    targets = ["".join(part.perform(context) for part in v) for _, v in node._Node__remappings]
+    assert targets == ["/points", "/clip3d/labelled_points", "/clip3d/objects"]
 
 
 @pytest.mark.slow
@@ -346,12 +348,21 @@ def test_launch_testing_runs_the_node_from_a_source_tree_and_stops_it(monkeypatc
         assert result.testsRun >= 2
 
 
-def test_rviz_config_shows_the_labelled_cloud_by_rgb() -> None:
+def test_rviz_config_shows_the_labelled_cloud_by_rgb_and_the_objects() -> None:
     import yaml
 
+    from clip3d_ros.tools.label_bag import OBJECTS_TOPIC
+
     view = yaml.safe_load((REPO / "config" / "clip3d.rviz").read_text())
-    (cloud,) = [d for d in view["Visualization Manager"]["Displays"] if d["Class"].endswith("PointCloud2")]
+    displays = view["Visualization Manager"]["Displays"]
+    (cloud,) = [d for d in displays if d["Class"].endswith("PointCloud2")]
     assert cloud["Color Transformer"] == "RGB8" and cloud["Topic"]["Value"] == "/clip3d/labelled_points"
+    # the launch file's default objects_topic, the topic label-bag writes; reliable like qos.output
+    (objects,) = [d for d in displays if d["Class"] == "rviz_default_plugins/MarkerArray"]
+    assert objects["Topic"]["Value"] == OBJECTS_TOPIC == "/clip3d/objects"
+    assert objects["Topic"]["Reliability Policy"] == "Reliable" and objects["Enabled"]
+    assert set(objects["Namespaces"]) == {"objects", "labels"}  # clip3d_ros.markers' namespaces
+    assert 'default_value="/clip3d/objects"' in LAUNCH.read_text()
     assert "config/*.rviz" in (REPO / "setup.py").read_text()  # installed into share/clip3d_ros/config
     assert "clip3d.rviz" in LAUNCH.read_text()
 

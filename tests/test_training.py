@@ -15,6 +15,7 @@ from clip3d_core.cli import main as cli_main
 from clip3d_core.config import ConfigError
 from clip3d_core.predictor import Prediction, restricted_logits
 from clip3d_core.teacher import PointTargets
+from clip3d_core.testing import assert_resumed_like_uninterrupted
 from clip3d_core.training import Trainer, load_train_config
 from clip3d_core.training.config import PseudoConfig, SelfTrainingConfig
 from clip3d_core.training.distributed import DistInfo, IterationBatchSampler
@@ -264,13 +265,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, frame_c
     assert resumed.iteration == 6 and resumed.thresholds is not None
     again = resumed.fit()
     assert again.iterations == done.iterations == 8
-    a, b = straight.bare.state_dict(), resumed.bare.state_dict()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
-    assert [h["loss"] for h in again.history] == [h["loss"] for h in done.history]
-    assert again.metrics == done.metrics
+    assert_resumed_like_uninterrupted(straight, resumed, done, again)
 
 
 def test_train_command(tmp_path: Path, frame_cache: Path) -> None:

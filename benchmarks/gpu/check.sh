@@ -5,7 +5,8 @@
 #   2. runs the `gpu` tests (pytest -m gpu tests/test_gpu.py),
 #   3. runs `clip3d bench --device cuda` phases, most important first: the small config at 120k
 #      and 30k points, fp32 and fp16, both sparse backends; the six-camera 448x800 ViT-B/16
-#      (random weights) fusion model; torch.compile; the default config; TF32,
+#      (random weights) fusion model; the panoptic model (small config, its decoder and merge as
+#      stages, fp32: the panoptic path runs fp32 only); torch.compile; the default config; TF32,
 #   4. writes gpu_check.json, gpu_check.md (medians / p90, peak GPU memory, the ratios
 #      spconv / spconv-triton and fp32 / fp16 of one run, the targets) and check.log to the output
 #      folder, refreshed after every phase, so a run stopped early keeps what it measured.
@@ -142,11 +143,14 @@ if ((QUICK)); then  # every phase's code path at toy sizes, one thread (a shared
   bench lidar 60 "${QUICKARGS[@]}" "${BOTH[@]}"
   bench fusion 40 "${QUICKARGS[@]}" --fusion-cameras 2 --image-size 64 112 --clip-model clip3d-tiny
   bench compile 40 "${QUICKARGS[@]}" --compile --compile-backend eager
+  bench panoptic 40 "${QUICKARGS[@]}" --head panoptic
 else
   bench lidar-small 100 --config small --points 120000 30000 --precision fp32 fp16 "${BOTH[@]}" \
     --runs 20 --warmup 3 --time-budget-s 12
   bench fusion 60 --config small --points 120000 --precision fp16 fp32 --fusion-cameras 6 \
     --image-size 448 800 --clip-model ViT-B-16 --runs 15 --warmup 3 --time-budget-s 12
+  bench panoptic 45 --head panoptic --config small --points 120000 30000 --precision fp32 "${BOTH[@]}" \
+    --runs 15 --warmup 3 --time-budget-s 6
   bench lidar-default 70 --config default --points 120000 30000 --precision fp16 fp32 "${BOTH[@]}" \
     --runs 15 --warmup 3 --time-budget-s 8
   bench compile 55 --config small --points 120000 --precision fp16 --compile --runs 20 --warmup 3 \

@@ -28,6 +28,11 @@ TARGETS = (  # (what, config, points, cameras, total median ms)
 AXES = {"backend": ("spconv", "spconv_triton"), "precision": ("fp32", "fp16")}
 
 
+def _get(r: dict[str, Any], key: str) -> Any:
+    """A case key; results written before `clip3d bench --head` existed are semantic."""
+    return r.get(key, "semantic" if key == "head" else None)
+
+
 def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(environments, results) of the bench files that exist (a stopped phase may have written none)."""
     envs, results = [], []
@@ -48,11 +53,11 @@ def ratios(results: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
     """Total-median ratio numerator / denominator of ``AXES[axis]`` for cases equal in everything
     else, within one bench invocation (same tag)."""
     num, den = AXES[axis]
-    keys = ("tag", "config", "points", "cameras", "backend", "precision", "tf32", "compile")
+    keys = ("tag", "head", "config", "points", "cameras", "backend", "precision", "tf32", "compile")
     other = [k for k in keys if k != axis]
     by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in results:
-        by_key.setdefault(tuple(r.get(k) for k in other), {}).setdefault(r[axis], r)
+        by_key.setdefault(tuple(_get(r, k) for k in other), {}).setdefault(r[axis], r)
     out = []
     for key, pair in by_key.items():
         a, b = pair.get(num), pair.get(den)
@@ -64,12 +69,13 @@ def ratios(results: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
 
 
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fastest measured setting for each target, and whether it meets it."""
+    """The fastest measured setting for each target (semantic models), and whether it meets it."""
     out = []
     for what, config, points, cameras, limit in TARGETS:
         cands = [
             r for r in results
             if _total(r) is not None and r["points"] == points and (r.get("cameras") or 0) == cameras
+            and _get(r, "head") == "semantic"
             and (config is None or r["config"] == config)
         ]
         best = min(cands, key=_total, default=None)
@@ -87,7 +93,7 @@ def _ratio_table(rows: list[dict[str, Any]], axis: str) -> str:
     num, den = AXES[axis]
     if not rows:
         return f"(no pair of {num} and {den} cases that both ran)"
-    other = [k for k in ("tag", "config", "points", "cameras", "backend", "precision") if k != axis]
+    other = [k for k in ("tag", "head", "config", "points", "cameras", "backend", "precision") if k != axis]
     lines = ["| " + " | ".join([*other, f"{num} ms", f"{den} ms", f"{num} / {den}"]) + " |",
              "|" + "---|" * (len(other) + 3)]
     for r in rows:

@@ -12,7 +12,7 @@ from clip3d_core.clip.loader import (
     load_clip,
     tiny_clip_config,
 )
-from clip3d_core.clip.text import DEFAULT_TEMPLATES, TextEncoder
+from clip3d_core.clip.text import DEFAULT_TEMPLATES, NameEmbeddings, TextEncoder
 from clip3d_core.clip.vocabulary import (
     Vocabulary,
     VocabularyEntry,
@@ -30,6 +30,7 @@ __all__ = [
     "EmbeddingBank",
     "ImageInputError",
     "LoadedClip",
+    "NameEmbeddings",
     "PatchGrid",
     "TextEncoder",
     "Vocabulary",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clip3d_core.clip.loader import ClipIdentity, ClipLoadError
-from clip3d_core.clip.text import TextEncoder, combine_synonyms
+from clip3d_core.clip.text import NameEmbeddings, TextEncoder, combine_synonyms, name_embeddings
 from clip3d_core.clip.vocabulary import Vocabulary, VocabularyError
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,11 @@ class EmbeddingBank:
     def lookup(self, vocab: Vocabulary) -> torch.Tensor:
         """[C, D] unit class vectors, synonyms averaged (equals `TextEncoder.encode` for its bank)."""
         return combine_synonyms(vocab.entries, self.phrase_vectors)
+
+    def lookup_names(self, vocab: Vocabulary) -> NameEmbeddings:
+        """One row per name (synonym) of every entry (max-over-names scoring): the bank stores a
+        vector per phrase, so a checkpoint's bank serves this as well as `lookup`."""
+        return name_embeddings(vocab.entries, self.phrase_vectors)
 
     def check_identity(self, identity: ClipIdentity) -> None:
         """Raise `ClipLoadError` unless the bank lives in `identity`'s embedding space."""

@@ -9,6 +9,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,16 +41,47 @@ CACHE_FORMAT = 1
 _TEXT_BATCH = 256
 
 
+def name_classes(entries: Sequence[VocabularyEntry]) -> torch.Tensor:
+    """[T] long: the entry of each name, names in entry order then synonym order."""
+    counts = torch.tensor([len(e.synonyms) for e in entries], dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(entries)), counts)
+
+
+@dataclass(frozen=True)
+class NameEmbeddings:
+    """One text row per name of a vocabulary: ``text`` [T, D] unit phrase vectors (every synonym of
+    every entry), ``name_class`` [T] long the entry each row names. The panoptic head scores a class
+    by the maximum over its names (`OpenVocabClassifier`); `class_vectors` is the one-row-per-class
+    form the semantic model uses."""
+
+    text: torch.Tensor
+    name_class: torch.Tensor
+    num_classes: int
+
+    def class_vectors(self) -> torch.Tensor:
+        """[C, D]: per entry, the renormalised mean of its names' rows (synonyms averaged)."""
+        text = self.text
+        summed = torch.zeros(self.num_classes, text.shape[1], dtype=text.dtype, device=text.device)
+        return F.normalize(summed.index_add_(0, self.name_class.to(text.device), text), dim=-1)
+
+    def to(self, device: str | torch.device) -> NameEmbeddings:
+        return NameEmbeddings(self.text.to(device), self.name_class.to(device), self.num_classes)
+
+
+def name_embeddings(
+    entries: Sequence[VocabularyEntry], phrase_vectors: Callable[[Sequence[str]], torch.Tensor]
+) -> NameEmbeddings:
+    """Every name's unit phrase vector (from a text tower's `TextEncoder.encode_phrases` or a stored
+    bank's `EmbeddingBank.phrase_vectors`) and the entry it names."""
+    vectors = phrase_vectors([s for e in entries for s in e.synonyms])
+    return NameEmbeddings(vectors, name_classes(entries), len(entries))
+
+
 def combine_synonyms(
     entries: Sequence[VocabularyEntry], phrase_vectors: Callable[[Sequence[str]], torch.Tensor]
 ) -> torch.Tensor:
     """[C, D]: per entry, the renormalised mean of its synonyms' unit phrase vectors."""
-    phrases = [s for e in entries for s in e.synonyms]
-    vectors = phrase_vectors(phrases)
-    counts = torch.tensor([len(e.synonyms) for e in entries])
-    owner = torch.repeat_interleave(torch.arange(len(entries)), counts)
-    summed = torch.zeros(len(entries), vectors.shape[1], dtype=vectors.dtype).index_add_(0, owner, vectors)
-    return F.normalize(summed, dim=-1)
+    return name_embeddings(entries, phrase_vectors).class_vectors()
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
@@ -102,6 +134,10 @@ class TextEncoder:
     def encode(self, vocab: Vocabulary) -> torch.Tensor:
         """float32 [C, D] on CPU, unit rows, in vocabulary order."""
         return combine_synonyms(vocab.entries, self.encode_phrases)
+
+    def encode_names(self, vocab: Vocabulary) -> NameEmbeddings:
+        """One row per name (synonym) of every entry, for max-over-names scoring."""
+        return name_embeddings(vocab.entries, self.encode_phrases)
 
     def encode_phrases(self, phrases: Sequence[str]) -> torch.Tensor:
         """float32 [len(phrases), D] on CPU: one template-ensemble unit vector per phrase."""

@@ -1,9 +1,12 @@
 """per-stage latency and peak memory of the Segmenter
 
 Times `Segmenter.segment` stage by stage (voxelise, backbone, [image], classify, total: median and
-p90 over --runs after --warmup) for every combination of --config, --points, --precision and
---backend, with the runtime options --tf32/--compile. --fusion-cameras N times a fusion model fed N
-random --image-size images through a random-weight --clip-model instead of the LiDAR-only model.
+p90 over --runs after --warmup) for every combination of --head, --config, --points, --precision and
+--backend, with the runtime options --tf32/--compile. --head panoptic times a `PanopticNet` (the
+--config backbone + the default query decoder, served as a panoptic checkpoint is: half of the
+vocabulary thing classes) through the same call, with its decoder and merge as stages of their own.
+--fusion-cameras N times a fusion model fed N random --image-size images through a random-weight
+--clip-model instead of the LiDAR-only model.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the resident-set growth (ru_maxrss),
 each case then in a fresh process so its peak is its own. CUDA times come from CUDA events with one
 synchronisation per frame (--stage-sync: a synchronisation per stage).
@@ -16,6 +19,7 @@ running at three times it is stopped and reported as such. Results are written a
 
 Examples:
   clip3d bench --config small default --points 30000 120000 --runs 10 --json-out bench.json
+  clip3d bench --head semantic panoptic --config small --points 30000 120000 --threads 2
   clip3d bench --device cuda --precision fp32 fp16 --backend spconv spconv_triton --md-out b.md
   clip3d bench --device cuda --fusion-cameras 6 --image-size 448 800 --clip-model ViT-B-16
 """
@@ -40,12 +44,17 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STAGES = ("voxelise", "backbone", "image", "classify", "total")
-_KEYS = ("tag", "config", "points", "backend", "precision", "tf32", "compile", "cameras")  # what a case is
+STAGES = ("voxelise", "backbone", "image", "decoder", "merge", "classify", "total")
+_KEYS = ("tag", "head", "config", "points", "backend", "precision", "tf32", "compile", "cameras")  # a case
+PANOPTIC_MIN_POINTS = 15  # the merge's minimum segment size: nuScenes' standard
 HFOV_DEG = 70.0  # ring cameras: six of them overlap a little, as on nuScenes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--head", nargs="+", choices=["semantic", "panoptic"], default=["semantic"],
+        help="semantic: Clip3DNet; panoptic: PanopticNet (query decoder + panoptic merge)",
+    )
     parser.add_argument("--config", nargs="+", choices=["small", "default"], default=["small", "default"])
     parser.add_argument("--points", nargs="+", type=int, default=[30000, 120000])
     parser.add_argument("--runs", type=int, default=10, help="timed runs per case")
@@ -131,6 +140,7 @@ def _segmenter(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
     from clip3d_core.clip import ClipConfig, ClipIdentity, Vocabulary, load_clip
     from clip3d_core.clip.dense import DenseClipEncoder
     from clip3d_core.model import MODEL_PRESETS, Clip3DNet
+    from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo, PanopticModelConfig, PanopticNet
     from clip3d_core.runtime import RuntimeOptions
     from clip3d_core.segmenter import Segmenter
 
@@ -145,19 +155,29 @@ def _segmenter(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
         compile_backend=case["compile_backend"],
         stage_sync=case["stage_sync"],
     )
-    if case["cameras"]:
+    fusion = bool(case["cameras"])
+    loaded = None
+    if fusion:
         loaded = load_clip(ClipConfig(model_name=case["clip_model"], allow_random=True), device)
-        model = Clip3DNet(preset(embed_dim=loaded.embed_dim, fusion=True), backend=backend)
+    cfg = preset(embed_dim=loaded.embed_dim, fusion=True) if loaded is not None else preset()
+    names = [f"class {i}" for i in range(case["classes"])]
+    panoptic = None
+    if case["head"] == "panoptic":
+        head = PanopticHeadConfig(fusion=fusion)
+        model = PanopticNet(PanopticModelConfig(cfg, head), backend=backend)
+        panoptic = PanopticInfo(head, tuple(names[: len(names) // 2]), PANOPTIC_MIN_POINTS)
+    else:
+        model = Clip3DNet(cfg, backend=backend)
+    if loaded is not None:
         seg = Segmenter(
-            model, loaded.identity, dense=DenseClipEncoder(loaded), device=device, runtime=runtime,
-            image_short_side=case["image_short_side"] or min(case["image_size"]),
+            model, loaded.identity, panoptic=panoptic, dense=DenseClipEncoder(loaded), device=device,
+            runtime=runtime, image_short_side=case["image_short_side"] or min(case["image_size"]),
         )
     else:
-        model = Clip3DNet(preset(), backend=backend)
-        seg = Segmenter(model, ClipIdentity("bench", "random:0", model.cfg.embed_dim), device=device,
-                        runtime=runtime)
-    vocab = Vocabulary.from_strings([f"class {i}" for i in range(case["classes"])], version=1)
-    seg.swap_vocabulary(vocab, torch.randn(len(vocab), model.cfg.embed_dim))
+        seg = Segmenter(model, ClipIdentity("bench", "random:0", cfg.embed_dim), panoptic=panoptic,
+                        device=device, runtime=runtime)
+    vocab = Vocabulary.from_strings(names, version=1)
+    seg.swap_vocabulary(vocab, torch.randn(len(vocab), cfg.embed_dim))
     return seg, seg.model
 
 
@@ -200,8 +220,12 @@ def _measure(case: dict[str, Any], started: float) -> dict[str, Any]:
         seg.segment(points, images, cameras)
     warm_s = time.perf_counter() - started
     runs: list[dict[str, float]] = []
+    instances = []  # instances per frame (panoptic): random weights, so only that the merge made some
     while len(runs) < case["runs"] and (not runs or time.perf_counter() - started < case["time_budget_s"]):
-        runs.append(seg.segment(points, images, cameras).timings_ms)
+        out = seg.segment(points, images, cameras)
+        runs.append(out.timings_ms)
+        if out.instances is not None:
+            instances.append(len(np.unique(out.instances[out.instances > 0])))
     result: dict[str, Any] = {
         "backend": model.backbone.backend,
         "voxels": vox.num_voxels,
@@ -224,6 +248,10 @@ def _measure(case: dict[str, Any], started: float) -> dict[str, Any]:
         "peak_rss_growth_mb": round(_peak_rss_mb() - rss_before, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
+    if seg.panoptic is not None:
+        result["decoder"] = {k: getattr(seg.panoptic.head, k) for k in
+                             ("hidden", "num_thing_queries", "num_stuff_queries", "num_layers", "ffn")}
+        result["instances_median"] = float(np.median(instances))
     if cuda:
         result["cuda_peak_mb"] = round((torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20, 1)
     return result
@@ -234,22 +262,35 @@ def _cell(r: dict[str, Any], stage: str) -> str:
     return f"{st['median']:.1f} / {st['p90']:.1f}" if st else "-"
 
 
+def decoder_merge_share(r: dict[str, Any]) -> float | None:
+    """(decoder + merge) / total of the medians: the panoptic head's share of a frame (None: a
+    semantic case)."""
+    st = r.get("stages_ms", {})
+    if "decoder" not in st or not st["total"]["median"]:
+        return None
+    return (st["decoder"]["median"] + st["merge"]["median"]) / st["total"]["median"]
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per case: what ran, stage medians / p90 in ms, peak memory; failures say why."""
-    head = ["tag", "config", "points", "cams", "backend", "prec", "tf32", "compile", "voxels", "runs"]
-    head += [f"{s} ms" for s in STAGES] + ["peak MB"]
+    """One row per case: what ran, stage medians / p90 in ms, the panoptic decoder + merge share of
+    the total, peak memory; failures say why."""
+    head = ["tag", "head", "config", "points", "cams", "backend", "prec", "tf32", "compile", "voxels", "runs"]
+    head += [f"{s} ms" for s in STAGES] + ["dec+merge", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         row = [
-            r.get("tag") or "-", r["config"], str(r["points"]), str(r.get("cameras") or 0), r["backend"],
-            r["precision"], "on" if r.get("tf32") else "off", "on" if r.get("compile") else "off",
+            r.get("tag") or "-", r.get("head", "semantic"), r["config"], str(r["points"]),
+            str(r.get("cameras") or 0), r["backend"], r["precision"], "on" if r.get("tf32") else "off",
+            "on" if r.get("compile") else "off",
         ]
         if "error" in r:
-            row += ["-", "0"] + ["-"] * len(STAGES) + [f"failed: {r['error'][:120]}"]
+            row += ["-", "0"] + ["-"] * (len(STAGES) + 1) + [f"failed: {r['error'][:120]}"]
         else:
             peak = r.get("cuda_peak_mb", r.get("peak_rss_growth_mb"))
+            share = decoder_merge_share(r)
             row += [str(r["voxels"]), f"{r['runs']}{' (budget)' if r.get('truncated') else ''}"]
-            row += [_cell(r, s) for s in STAGES] + [f"{peak:.1f}"]
+            row += [_cell(r, s) for s in STAGES]
+            row += ["-" if share is None else f"{100 * share:.0f} %", f"{peak:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -291,8 +332,10 @@ def _cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     # Backends vary slowest so one GPU worker serves all of a backend's cases.
     return [
-        {**common, "backend": b, "config": c, "points": n, "precision": p}
-        for b, c, n, p in itertools.product(args.backend, args.config, args.points, args.precision)
+        {**common, "backend": b, "head": h, "config": c, "points": n, "precision": p}
+        for b, h, c, n, p in itertools.product(
+            args.backend, args.head, args.config, args.points, args.precision
+        )
     ]
 
 

@@ -88,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_panoptic(args: argparse.Namespace, cfg: object) -> int:
-    """Panoptic checkpoints: the config's metrics on its evaluation frames (CPU, one process)."""
+    """Panoptic checkpoints: the config's metrics on its evaluation frames (one process; a class
+    scores the maximum over its names)."""
     from clip3d_core.training.panoptic_trainer import PanopticTrainer
 
     out = args.out or args.checkpoint.parent / f"eval_{args.checkpoint.stem}"
+    cfg.trainer.device = args.device  # type: ignore[attr-defined]
     trainer = PanopticTrainer(cfg, out_dir=out)  # type: ignore[arg-type]
     trainer.load_checkpoint(args.checkpoint)
     metrics = trainer.evaluate()

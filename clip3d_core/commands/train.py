@@ -1,9 +1,9 @@
-"""train a model from a YAML config (CLIP-guided stage, self-training, annotation-free)
+"""train a model from a YAML config (CLIP-guided stage, self-training, annotation-free, panoptic)
 
 Examples:
   clip3d train --config training/synthetic_tiny.yaml --out runs/tiny
   clip3d train --config training/synthetic_tiny.yaml --out runs/tiny --resume
-  clip3d train --config training/synthetic_panoptic_tiny.yaml --out runs/panoptic_tiny
+  clip3d train --config training/synthetic_panoptic_tiny.yaml --out runs/panoptic_tiny [--resume]
   clip3d train --config training/semantickitti_zeroshot.yaml --set data.root=/data/kitti \\
       --set trainer.iterations=20
 Many GPUs / nodes: torchrun --nproc_per_node 8 -m clip3d_core.cli train --config ...
@@ -34,22 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from clip3d_core.clip import ClipLoadError
     from clip3d_core.config import ConfigError
     from clip3d_core.data import DatasetError, SplitError
-    from clip3d_core.training import Trainer, load_train_config
+    from clip3d_core.training import load_train_config, make_trainer
     from clip3d_core.training.distributed import cleanup
     from clip3d_core.training.state import ResumeError
 
     try:
         cfg = load_train_config(args.config, args.overrides)
-        if cfg.setting == "panoptic":
-            if args.resume:
-                raise ConfigError("--resume is not supported for setting 'panoptic' yet")
-            from clip3d_core.training.panoptic_trainer import PanopticTrainer
-
-            result = PanopticTrainer(cfg, out_dir=args.out).fit()
-            print(json.dumps({"final_checkpoint": str(result.final_checkpoint),
-                              "iterations": result.iterations, "metrics": result.metrics}, indent=2))
-            return 0
-        trainer = Trainer(cfg, out_dir=args.out, resume=args.resume)
+        trainer = make_trainer(cfg, out_dir=args.out, resume=args.resume)
         result = trainer.fit()
     except (ConfigError, ClipLoadError, CheckpointError, DatasetError, SplitError, ResumeError) as exc:
         log.error("%s", exc)

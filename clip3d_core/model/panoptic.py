@@ -25,6 +25,7 @@ query can bind to a place as well as to an appearance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,6 +86,11 @@ class PanopticHeadConfig:
     @property
     def num_queries(self) -> int:
         return self.num_thing_queries + self.num_stuff_queries
+
+    @property
+    def reads_camera(self) -> bool:
+        """CLIP features at the points are an input: fused, or pooled by the fixed classifier."""
+        return self.fusion or self.classifier == "fixed"
 
 
 @dataclass(frozen=True)
@@ -309,11 +315,20 @@ class PanopticNet(nn.Module):
         return self.position((zyx / shape).flip(1))  # (x, y, z) in [0, 1]
 
     def forward(self, points: Tensor, batch_index: Tensor | None = None, clip: Tensor | None = None,
-                clip_mask: Tensor | None = None) -> PanopticOutput:
+                clip_mask: Tensor | None = None, *, vox: Voxelization | None = None,
+                lap: Callable[[str], None] | None = None, generator: torch.Generator | None = None
+                ) -> PanopticOutput:
         """points [N, C]; batch_index [N] long; clip [N, D] per-point CLIP features valid where
-        clip_mask [N] bool (None: no camera, LiDAR only)."""
+        clip_mask [N] bool (None: no camera, LiDAR only). ``vox``: the points' voxelisation when the
+        caller already made it. ``lap(stage)`` is called after "voxelise" (when voxelised here) and
+        "backbone" (U-Net + fusion + position embedding); the decoder runs after it (stage timings).
+        ``generator`` (CPU) draws the training camera drop-out (the trainer's per-iteration
+        generator, so resumed runs drop the same frames); None = the global RNG."""
+        mark = lap or (lambda _stage: None)
         c = self.cfg.model.backbone.in_channels
-        vox = self.voxelize(points, batch_index)
+        if vox is None:
+            vox = self.voxelize(points, batch_index)
+            mark("voxelise")
         p = points[vox.valid][:, :c]
         p2v = vox.point_to_voxel[vox.valid]
         if vox.num_voxels:
@@ -329,12 +344,15 @@ class PanopticNet(nn.Module):
         batch = vox.coords[:, 0].long()
         fused_mask = vmask
         if vmask is not None and self.training and self.cfg.head.camera_dropout > 0:
-            dropped = torch.rand(vox.batch_size, device=batch.device) < self.cfg.head.camera_dropout
+            draw = torch.rand(vox.batch_size, generator=generator) if generator is not None else \
+                torch.rand(vox.batch_size, device=batch.device)
+            dropped = draw.to(batch.device) < self.cfg.head.camera_dropout
             fused_mask = vmask & ~dropped[batch]
         feats = self.fusion(lidar, vclip, fused_mask)
         pos = self._positions(vox)
         offsets = torch.zeros(vox.batch_size + 1, dtype=torch.long, device=batch.device)
         offsets[1:] = torch.bincount(batch, minlength=vox.batch_size).cumsum(0)
+        mark("backbone")
         masks, embeds = [], []
         for b in range(vox.batch_size):
             lo, hi = int(offsets[b]), int(offsets[b + 1])

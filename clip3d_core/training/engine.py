@@ -35,11 +35,12 @@ from clip3d_core.checkpoint import load_checkpoint, save_checkpoint
 from clip3d_core.clip import load_clip
 from clip3d_core.clip.dense import DenseConfig
 from clip3d_core.config import ConfigError, to_dict
-from clip3d_core.data import collate_frames
+from clip3d_core.data import ZeroShotSplit, collate_frames
 from clip3d_core.labels import IGNORE_INDEX
-from clip3d_core.losses import LossInputs, build_loss_terms, combine_losses
+from clip3d_core.losses import LossInputs, LossParts, build_loss_terms, combine_losses
 from clip3d_core.metrics import SemanticMetric
-from clip3d_core.model import Clip3DNet, sparse_backend
+from clip3d_core.model import Clip3DNet, ModelConfig, sparse_backend
+from clip3d_core.model.panoptic import PanopticInfo
 from clip3d_core.predictor import CameraFeatures, predict
 from clip3d_core.pseudo_labels import label_quality
 from clip3d_core.teacher import PointTargets, frame_point_targets
@@ -125,7 +126,7 @@ class Trainer:
         st.seed_everything(cfg.trainer.seed)  # same model init on every rank (DDP also broadcasts it)
 
         self.loaded = load_clip(cfg.clip, self.device)
-        self.split = build_split(cfg.data)
+        self.split = self._build_split()
         self.vocab = build_vocabulary(cfg, self.split)
         text, self.bank = build_text(cfg, self.loaded, self.vocab)
         self.text = text.to(self.device)
@@ -134,18 +135,18 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(cfg.data, self.split)
         self.stages = plan_stages(cfg)
         self.loss_terms = build_loss_terms(cfg.loss)
-        self.model_cfg = build_model_config(cfg, self.identity.embed_dim)
+        self.model_cfg = self._model_config()
         self.teacher = build_teacher(cfg.teacher, self.loaded) if self._needs_teacher() else None
         if cfg.teacher.kind == "clip" and self.teacher is not None and self.identity != self.loaded.identity:
             raise ConfigError(f"text bank {self.identity} != CLIP teacher {self.loaded.identity}")
         self._teacher_cache: dict[str, PointTargets] = {}
 
-        model = Clip3DNet(self.model_cfg, backend=sparse_backend.for_device(self.device)).to(self.device)
+        model = self._build_network().to(self.device)
         self.model = wrap_model(model, self.info, self.device, sync_batchnorm=cfg.trainer.sync_batchnorm,
                                 find_unused_parameters=cfg.trainer.find_unused_parameters)
         self.optimizer = self._optimizer(model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
+        self.amp_dtype = self._amp_dtype()
         self.use_amp = self.device.type == "cuda" and self.amp_dtype is not None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.iteration = 0
@@ -155,6 +156,27 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if resume:
             self._resume()
+
+    # ------------------------------------------------------------------ what a task supplies
+    # The semantic method's; `PanopticTrainer` overrides these (split, network, checkpoint content,
+    # losses of one batch, evaluation) and shares everything else: DDP, sampler, augmentation,
+    # schedule, AMP, checkpoints + resume, monitor, periodic evaluation.
+    def _build_split(self) -> ZeroShotSplit:
+        return build_split(self.cfg.data)
+
+    def _model_config(self) -> Any:
+        return build_model_config(self.cfg, self.identity.embed_dim)
+
+    def _build_network(self) -> nn.Module:
+        return Clip3DNet(self.model_cfg, backend=sparse_backend.for_device(self.device))
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.trainer.amp)
+
+    def _checkpoint_model(self) -> tuple[ModelConfig, PanopticInfo | None]:
+        """What `save_checkpoint` records of the network: its `ModelConfig` and, for panoptic
+        models, their `PanopticInfo`."""
+        return self.model_cfg, None
 
     # ------------------------------------------------------------------ setup helpers
     @property
@@ -202,9 +224,10 @@ class Trainer:
 
     def _save_model(self, path: Path, stage: str) -> Path:
         dense = DenseConfig(self.cfg.teacher.dense_last_block, self.cfg.teacher.short_side)
-        return save_checkpoint(path, self.bare, self.model_cfg, self.cfg.clip, self.identity,
+        model_cfg, panoptic = self._checkpoint_model()
+        return save_checkpoint(path, self.bare, model_cfg, self.cfg.clip, self.identity,
                                vocabulary=self.vocab, text_bank=self.bank, meta=self._meta(stage),
-                               dense=dense)
+                               dense=dense, panoptic=panoptic)
 
     def _save_training_checkpoint(self, stage: str) -> None:
         """Periodic checkpoint: model file + resume sidecar (rank 0; every rank's RNG gathered)."""
@@ -236,7 +259,7 @@ class Trainer:
             log.info("resume requested but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
             return
         ckpt = load_checkpoint(path, identity=self.identity)
-        if ckpt.model_config != self.model_cfg:
+        if (ckpt.model_config, ckpt.panoptic) != self._checkpoint_model():
             raise st.ResumeError(f"{path} was trained with another model config than this run's")
         self.bare.load_state_dict(ckpt.state_dict)
         state = st.load_state(path)
@@ -348,15 +371,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _step(self, stage: Stage, frames: list, batch: dict[str, Any]) -> dict[str, float]:
+    def _losses(self, stage: Stage, frames: list, batch: dict[str, Any], gen: torch.Generator
+                ) -> tuple[LossParts, dict[str, float]]:
+        """One batch's forward pass and configured loss terms, and what to log besides the losses.
+        ``gen`` is this iteration's generator (augmentation, camera drop-out, sampled pairs)."""
         points = batch["points"].to(self.device, non_blocking=True)
         batch_index = batch["batch_index"].to(self.device, non_blocking=True)
         gt_full: Tensor | None = batch["labels"]
         pt = self._point_targets(frames)
         targets = self._targets(stage, points, batch_index, gt_full, pt)
 
-        gen = torch.Generator().manual_seed(
-            (self.cfg.trainer.seed * 1_000_003 + self.iteration * 7919 + self.info.rank) % 2**63)
         aug = augment_points(points, batch_index, len(frames), self.cfg.augment, gen)
         camera = self._camera_input(pt, batch_index, len(frames), gen)
         self.model.train()
@@ -370,6 +394,21 @@ class Trainer:
         inputs = LossInputs(features=features, valid=out.valid, labels=labels, text=self.text,
                             logits=self.bare.logits(features, self.text), point_targets=pt, generator=gen)
         parts = combine_losses(self.loss_terms, inputs)
+        scalars = {"temperature": float(self.bare.temperature.detach()), **targets.fractions()}
+        if gt_full is not None:
+            # Diagnostics only (never used for training): how right the labels of points without
+            # allowed GT are.
+            allowed = self.space.training_gt(gt_full)
+            hidden = gt_full >= 0 if allowed is None else (gt_full >= 0) & (allowed < 0)
+            q = label_quality(targets.labels.cpu()[hidden], gt_full[hidden])
+            scalars["labels/hidden_coverage"] = q["coverage"]
+            scalars["labels/hidden_accuracy"] = q["accuracy"]
+        return parts, scalars
+
+    def _step(self, stage: Stage, frames: list, batch: dict[str, Any]) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(
+            (self.cfg.trainer.seed * 1_000_003 + self.iteration * 7919 + self.info.rank) % 2**63)
+        parts, extra = self._losses(stage, frames, batch, gen)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.total).backward()
         if self.cfg.optim.grad_clip:
@@ -379,18 +418,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
 
-        scalars = dict(parts.scalars)
-        scalars["temperature"] = float(self.bare.temperature.detach())
-        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-        scalars.update(targets.fractions())
-        if gt_full is not None:
-            # Diagnostics only (never used for training): how right the labels of points without
-            # allowed GT are.
-            allowed = self.space.training_gt(gt_full)
-            hidden = gt_full >= 0 if allowed is None else (gt_full >= 0) & (allowed < 0)
-            q = label_quality(targets.labels.cpu()[hidden], gt_full[hidden])
-            scalars["labels/hidden_coverage"] = q["coverage"]
-            scalars["labels/hidden_accuracy"] = q["accuracy"]
+        scalars = {**parts.scalars, **extra, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.info.distributed:
             keys = sorted(scalars)
             vec = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -483,5 +511,5 @@ class Trainer:
         result = self._log_eval(monitor, stage.name)
         if self.info.is_main:
             self._save_model(self.out_dir / f"stage_{stage.name}.pt", stage.name)
-            if result["report"] is not None:
+            if result.get("report") is not None:
                 (self.out_dir / f"eval_{stage.name}.json").write_text(json.dumps(result["report"], indent=2))

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from clip3d_core.clip.text import NameEmbeddings
 from clip3d_core.data.panoptic import PanopticSplit
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.losses.panoptic import MatchingCost, PanopticLossState, base_class_index, voxel_targets
@@ -32,19 +33,20 @@ from clip3d_core.teacher import PointTargets
 
 @dataclass
 class PanopticTask:
-    """A split's fixed training inputs. text: [C, D] one embedding per dataset class (label order)."""
+    """A split's fixed training inputs. text: the dataset classes' names (`NameEmbeddings`, a class
+    scoring the maximum over its names), or [C, D] one embedding per class (label order)."""
 
     split: PanopticSplit
-    text: Tensor
+    text: Tensor | NameEmbeddings
     loss: Mapping[str, LossTermConfig] = field(default_factory=default_panoptic_loss)
     matching: MatchingCost = field(default_factory=MatchingCost)
 
     def __post_init__(self) -> None:
         self.terms = build_loss_terms(self.loss)
-
-    @property
-    def base_text(self) -> Tensor:
-        return self.text[list(self.split.base_ids)]
+        if isinstance(self.text, Tensor):
+            c = self.text.shape[0]
+            self.text = NameEmbeddings(self.text, torch.arange(c, device=self.text.device), c)
+        self.names: NameEmbeddings = self.text
 
     @property
     def stuff_classes(self) -> Tensor:
@@ -53,9 +55,13 @@ class PanopticTask:
 
 
 def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any],
-                    point_targets: PointTargets | None) -> LossParts:
+                    point_targets: PointTargets | None, *, forward: nn.Module | None = None,
+                    generator: torch.Generator | None = None) -> LossParts:
     """One forward pass and the configured loss terms of a collated batch (`combine_losses`; the
-    distillation terms run only with ``point_targets``, the frozen teacher's per-point CLIP features)."""
+    distillation terms run only with ``point_targets``, the frozen teacher's per-point CLIP features).
+    ``batch["points"]`` may be augmented and on any device; labels stay on the host. ``forward``: the
+    module that runs the forward pass when it is not ``model`` itself (its DDP wrapper); ``generator``
+    draws the camera drop-out (`PanopticNet.forward`)."""
     if batch["labels"] is None:
         raise ValueError("panoptic training needs labelled frames")
     head = model.cfg.head
@@ -63,9 +69,10 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
         raise ValueError(f"the fixed classifier's classes {head.base_classes} are not the split's base "
                          f"classes {task.split.base_ids}")
     points, batch_index = batch["points"], batch["batch_index"]
+    device = points.device
     clip = None if point_targets is None else point_targets.features
     seen = None if point_targets is None else point_targets.visible
-    out = model(points, batch_index, clip, seen)
+    out = (forward or model)(points, batch_index, clip, seen, generator=generator)
     labels, instances = batch["labels"].numpy(), batch["instances"]
     instances = None if instances is None else instances.numpy()
     targets, vclip, vmask, semantic = [], [], [], []
@@ -74,21 +81,26 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
         t = task.split.training_targets(labels[lo:hi], None if instances is None else instances[lo:hi])
         semantic.append(torch.from_numpy(t.semantic))
         v0, v1 = int(out.voxel_offsets[b]), int(out.voxel_offsets[b + 1])
-        targets.append(voxel_targets(torch.from_numpy(t.segment), torch.from_numpy(t.segment_class),
+        targets.append(voxel_targets(torch.from_numpy(t.segment).to(device),
+                                     torch.from_numpy(t.segment_class).to(device),
                                      out.sample_point_to_voxel(batch_index, b), v1 - v0))
         if out.clip is not None:
             vclip.append(out.clip[v0:v1])
             vmask.append(out.clip_mask[v0:v1])
-    # base columns of the whole vocabulary's logits: the cosine head scores each class alone, the
-    # fixed classifier writes its outputs into exactly these columns
-    class_logits = model.class_logits(out, task.text)[..., list(task.split.base_ids)]
-    base_index = base_class_index(task.split.num_classes, task.split.base_ids)
+    # base columns of the whole vocabulary's logits (a class: the max over its names): the cosine
+    # head scores each class alone, the fixed classifier writes its outputs into exactly these columns
+    names = task.names.to(device)
+    class_logits = model.class_logits(out, names.text, names.name_class,
+                                      names.num_classes)[..., list(task.split.base_ids)]
+    base_index = base_class_index(task.split.num_classes, task.split.base_ids).to(device)
     state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
-                                      task.stuff_classes, task.matching, vclip or None, vmask or None)
+                                      task.stuff_classes.to(device), task.matching, vclip or None,
+                                      vmask or None)
     features = point_embeddings(out)
     valid = out.vox.valid
     inputs = LossInputs(features=features, valid=valid,
-                        labels=torch.where(valid, torch.cat(semantic), IGNORE_INDEX),
-                        text=task.text, logits=model.classifier(features, task.text),
+                        labels=torch.where(valid, torch.cat(semantic).to(device), IGNORE_INDEX),
+                        text=names.class_vectors(),
+                        logits=model.classifier(features, names.text, names.name_class, names.num_classes),
                         point_targets=point_targets, extras={PANOPTIC_KEY: state})
     return combine_losses(task.terms, inputs)

@@ -1,155 +1,143 @@
 """`PanopticTrainer`: `clip3d train` for ``setting: panoptic`` (open-vocabulary panoptic segmentation).
 
-One process (no DDP, no resume yet). The data, CLIP, text and teacher come from the same builders as
-the semantic `Trainer`; the model is a `PanopticNet`, the loss the configured list of terms (the
-panoptic ones: `clip3d_core.losses.terms.panoptic`), evaluation the configured metrics (add
-``panoptic: {options: {dataset: ...}}`` for PQ) on `predict_panoptic` outputs. Run directory::
+The semantic `Trainer` with the panoptic task plugged into its hooks: the split is a
+`PanopticSplit`, the network a `PanopticNet`, one batch's losses `training_losses` (the configured
+panoptic terms), evaluation `predict_panoptic` under the configured metrics (add
+``panoptic: {options: {dataset: ...}}`` for PQ), and checkpoints carry `PanopticInfo`. Everything
+else is the engine's, so the panoptic setting gets the same DDP (torchrun, gloo CPU processes),
+resumable iteration sampler, point augmentation (one rigid rotation / mirror / scale per frame plus
+a few cm of jitter: instance ids stay per point), LR warmup + schedule, periodic checkpoints +
+``--resume``, precise BN, monitor and ``trainer.eval_every``. One stage, named "panoptic"::
 
-    <out>/config.yaml     resolved TrainConfig
-    <out>/final.pt        panoptic checkpoint (`PanopticInfo` inside)
-    <out>/metrics.json    {"panoptic": evaluation results}
+    <out>/config.yaml                 resolved TrainConfig
+    <out>/checkpoints/iter_*.pt       periodic checkpoints (+ .state.pt sidecars for resuming)
+    <out>/final.pt, stage_panoptic.pt panoptic checkpoint (`PanopticInfo` inside)
+    <out>/metrics.json                {"panoptic": evaluation, "panoptic@<iteration>": ...}
+    <out>/tb/                         TensorBoard scalars
+
+Text: one row per name of every class (`NameEmbeddings`); a class scores the maximum over its names
+in training, evaluation and serving. fp32 only: ``trainer.amp`` is ignored (the decoder, the
+Hungarian matching and the merge are not validated under autocast).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from torch.utils.data import DataLoader
+from torch import nn
 
-from clip3d_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from clip3d_core.clip import load_clip
-from clip3d_core.config import ConfigError, from_dict, to_dict
+from clip3d_core.checkpoint import CheckpointError, load_checkpoint
+from clip3d_core.config import ConfigError, from_dict
+from clip3d_core.data import ZeroShotSplit
 from clip3d_core.data.panoptic import load_panoptic_split
-from clip3d_core.metrics import GroundTruth, MetricContext, build_metrics, merged_results
+from clip3d_core.losses import LossParts
+from clip3d_core.model import ModelConfig, sparse_backend
 from clip3d_core.model.panoptic import PanopticHeadConfig, PanopticInfo, PanopticModelConfig, PanopticNet
-from clip3d_core.predictor import CameraFeatures, predict_panoptic
-from clip3d_core.teacher import PointTargets, frame_point_targets
-from clip3d_core.training import state as st
+from clip3d_core.training.augment import augment_points
 from clip3d_core.training.config import TrainConfig
-from clip3d_core.training.data import (
-    build_datasets,
-    build_model_config,
-    build_teacher,
-    build_text,
-    build_vocabulary,
-    collate,
-)
-from clip3d_core.training.engine import TrainResult
+from clip3d_core.training.data import build_model_config
+from clip3d_core.training.engine import Trainer
 from clip3d_core.training.panoptic import PanopticTask, training_losses
+from clip3d_core.training.stages import Stage
+from clip3d_core.training.validation import PanopticFramePredictor, evaluate, summary
 
 log = logging.getLogger(__name__)
 
 
-class PanopticTrainer:
-    def __init__(self, cfg: TrainConfig, *, out_dir: str | Path | None = None) -> None:
+class PanopticTrainer(Trainer):
+    def __init__(self, cfg: TrainConfig, *, out_dir: str | Path | None = None, resume: bool = False) -> None:
         if cfg.setting != "panoptic":
             raise ConfigError(f"PanopticTrainer runs setting 'panoptic', not {cfg.setting!r}")
-        self.cfg = cfg
-        self.out_dir = Path(out_dir) if out_dir is not None else cfg.output_dir
-        if cfg.trainer.cpu_threads > 0:
-            torch.set_num_threads(cfg.trainer.cpu_threads)
-        st.seed_everything(cfg.trainer.seed)
-        self.panoptic_split = load_panoptic_split(cfg.panoptic.split)
-        split = self.panoptic_split.semantic
-        self.loaded = load_clip(cfg.clip, "cpu")
-        self.vocab = build_vocabulary(cfg, split)
-        self.text, self.bank = build_text(cfg, self.loaded, self.vocab)
-        self.train_set, self.val_set = build_datasets(cfg.data, split)
-        self.teacher = build_teacher(cfg.teacher, self.loaded)
+        super().__init__(cfg, out_dir=out_dir, resume=resume)
+        self._set_names()
+
+    def _set_names(self) -> None:
+        """One text row per name (a class scores the maximum over its names) from the run's bank;
+        `self.text` keeps one row per class for the teacher."""
+        self.names = self.bank.lookup_names(self.vocab).to(self.device)
+        self.task = PanopticTask(self.panoptic_split, self.names, self.cfg.loss)
+
+    # ------------------------------------------------------------------ the engine's hooks
+    def _build_split(self) -> ZeroShotSplit:
+        self.panoptic_split = load_panoptic_split(self.cfg.panoptic.split)
+        return self.panoptic_split.semantic
+
+    def _model_config(self) -> PanopticModelConfig:
         # the split fixes the stuff queries and, for the PFC baseline's fixed classifier, its classes
-        split_ids = self.panoptic_split.base_ids
-        fixed = {"base_classes": split_ids} if cfg.panoptic.head.get("classifier") == "fixed" else {}
+        split, head_cfg = self.panoptic_split, self.cfg.panoptic.head
+        fixed = {"base_classes": split.base_ids} if head_cfg.get("classifier") == "fixed" else {}
         head = from_dict(PanopticHeadConfig, {
-            **cfg.panoptic.head, "num_stuff_queries": len(self.panoptic_split.base_stuff_ids),
-            "camera_dropout": cfg.fusion.camera_dropout, **fixed}, where="panoptic.head")
-        self.model_cfg = PanopticModelConfig(build_model_config(cfg, self.bank.identity.embed_dim), head)
-        self.model = PanopticNet(self.model_cfg)
-        self.task = PanopticTask(self.panoptic_split, self.text, cfg.loss)
-        self._teacher_cache: dict[str, PointTargets] = {}
+            **head_cfg, "num_stuff_queries": len(split.base_stuff_ids),
+            "camera_dropout": self.cfg.fusion.camera_dropout, **fixed}, where="panoptic.head")
+        return PanopticModelConfig(build_model_config(self.cfg, self.identity.embed_dim), head)
 
-    def _point_targets(self, frame: Any) -> PointTargets:
-        """The frozen teacher's features at the frame's points (cached with ``teacher.cache``)."""
-        if frame.frame_id in self._teacher_cache:
-            return self._teacher_cache[frame.frame_id]
-        targets = frame_point_targets(self.teacher, frame, self.text)[1]
-        if self.cfg.teacher.cache:
-            self._teacher_cache[frame.frame_id] = targets
-        return targets
+    def _build_network(self) -> nn.Module:
+        return PanopticNet(self.model_cfg, backend=sparse_backend.for_device(self.device))
 
-    def fit(self) -> TrainResult:
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        o = cfg.optim
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        loader = DataLoader(self.train_set, batch_size=cfg.trainer.batch_size, shuffle=True,
-                            num_workers=cfg.trainer.num_workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.trainer.seed))
-        batches = itertools.chain.from_iterable(itertools.repeat(loader))
-        history: list[dict[str, float]] = []
-        self.model.train()
-        for iteration in range(cfg.trainer.iterations):
-            frames, batch = next(batches)
-            targets = PointTargets.cat([self._point_targets(f) for f in frames])
-            parts = training_losses(self.model, self.task, batch, targets)
-            opt.zero_grad()
-            parts.total.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            opt.step()
-            history.append(parts.scalars)
-            if cfg.trainer.log_every and (iteration + 1) % cfg.trainer.log_every == 0:
-                log.info("panoptic iteration %d: %s", iteration + 1,
-                         {k: round(v, 4) for k, v in parts.scalars.items()})
-        metrics = {"panoptic": self.evaluate()}
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    def _needs_teacher(self) -> bool:
+        distill = any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
+        return self.model_cfg.head.reads_camera or distill
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.cfg.trainer.amp != "off" and self.device.type == "cuda":
+            log.warning("trainer.amp %r ignored: panoptic training runs in fp32", self.cfg.trainer.amp)
+        return None
+
+    def _checkpoint_model(self) -> tuple[ModelConfig, PanopticInfo | None]:
         spec = self.panoptic_split.spec
-        final = save_checkpoint(
-            self.out_dir / "final.pt", self.model, self.model_cfg.model, cfg.clip, self.bank.identity,
-            vocabulary=self.vocab, text_bank=self.bank,
-            meta={"setting": "panoptic", "split": self.panoptic_split.to_dict(), "metrics": metrics,
-                  "iterations": cfg.trainer.iterations},
-            panoptic=PanopticInfo(self.model_cfg.head, spec.things, spec.min_points))
-        return TrainResult(self.out_dir, final, cfg.trainer.iterations, metrics, history)
+        return self.model_cfg.model, PanopticInfo(self.model_cfg.head, spec.things, spec.min_points)
+
+    def _meta(self, stage: str) -> dict[str, Any]:
+        return {**super()._meta(stage), "split": self.panoptic_split.to_dict()}
+
+    def _losses(self, stage: Stage, frames: list, batch: dict[str, Any], gen: torch.Generator
+                ) -> tuple[LossParts, dict[str, float]]:
+        points = batch["points"].to(self.device, non_blocking=True)
+        batch_index = batch["batch_index"].to(self.device, non_blocking=True)
+        pt = self._point_targets(frames)  # on the original points: the pixel correspondence is fixed
+        aug = augment_points(points, batch_index, len(frames), self.cfg.augment, gen)
+        self.model.train()
+        # Camera drop-out happens inside the network (per sample, distillation targets kept), drawn
+        # from this iteration's generator (the global RNG would make a resumed run differ).
+        batch = {**batch, "points": aug, "batch_index": batch_index}
+        parts = training_losses(self.bare, self.task, batch, pt, forward=self.model, generator=gen)
+        scale = getattr(self.bare.classifier, "scale", None)  # the cosine head's (not the fixed one's)
+        return parts, {} if scale is None else {"logit_scale": float(scale.detach())}
+
+    # ------------------------------------------------------------------ evaluation
+    def predictor(self) -> PanopticFramePredictor:
+        """The model on one frame as the segmenter runs it (camera features when
+        ``evaluation.cameras`` and the head fuses them; the configured score threshold)."""
+        e, split = self.cfg.evaluation, self.panoptic_split
+        return PanopticFramePredictor(self.bare, self.names, torch.from_numpy(split.spec.thing_mask()),
+                                      split.spec.min_points, self.device,
+                                      teacher=self.teacher if e.cameras else None, text=self.text,
+                                      score_threshold=e.score_threshold)
+
+    def evaluate(self) -> dict[str, Any]:
+        """The configured metrics over the evaluation frames (sharded over DDP processes, merged)."""
+        self.model.eval()
+        split = self.panoptic_split
+        metrics = evaluate({"model": self.predictor()}, self.val_set, split.classes, split.novel_ids,
+                           metrics=self.cfg.evaluation.metrics, info=self.info,
+                           progress=self.cfg.trainer.progress)["model"]
+        self.model.train()
+        return summary(metrics)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Evaluate a trained panoptic checkpoint instead of the fresh model: its weights, and the
-        class vectors its stored text bank gives this config's vocabulary."""
-        ckpt = load_checkpoint(path, self.bank.identity)
+        name vectors its stored text bank gives this config's vocabulary."""
+        ckpt = load_checkpoint(path, self.identity)
         if ckpt.panoptic is None:
             raise CheckpointError(f"{path} is not a panoptic checkpoint")
-        model = ckpt.build_model()
-        if model.cfg != self.model_cfg:
-            raise CheckpointError(f"{path}: its model {model.cfg} differs from the config's {self.model_cfg}")
-        self.model = model
+        if (ckpt.model_config, ckpt.panoptic) != self._checkpoint_model():
+            raise CheckpointError(f"{path}: its model {ckpt.model_config} / {ckpt.panoptic} differs from the "
+                                  f"config's {self._checkpoint_model()}")
+        self.bare.load_state_dict(ckpt.state_dict)
         if ckpt.text_bank is not None:
-            self.text = ckpt.text_bank.lookup(self.vocab)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        """The configured metrics over the evaluation frames (camera features when
-        ``evaluation.cameras`` and the model fuses them)."""
-        split = self.panoptic_split
-        metrics = build_metrics(self.cfg.evaluation.metrics, MetricContext(split.classes, split.novel_ids))
-        thing = torch.from_numpy(split.spec.thing_mask())
-        use_cameras = self.cfg.evaluation.cameras and self.model_cfg.head.fusion
-        self.model.eval()
-        for i in range(len(self.val_set)):  # type: ignore[arg-type]
-            frame = self.val_set[i]
-            camera = None
-            if use_cameras:
-                t = self._point_targets(frame)
-                camera = CameraFeatures(t.features, t.visible)
-            pred = predict_panoptic(self.model, torch.from_numpy(frame.points), self.text, thing,
-                                    min_points=split.spec.min_points, camera=camera)[0]
-            truth = GroundTruth.from_frame(frame)
-            for m in metrics.values():
-                m.update(pred, truth)
-        self.model.train()
-        return merged_results(metrics)
+            self.bank = ckpt.text_bank
+            self.text = self.bank.lookup(self.vocab).to(self.device)
+            self._set_names()

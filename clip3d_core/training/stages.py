@@ -35,6 +35,7 @@ from clip3d_core.training.config import PseudoConfig, SelfTrainingConfig, TrainC
 log = logging.getLogger(__name__)
 
 CLIP_GUIDED, SELF_TRAINING = "clip_guided", "self_training"
+PANOPTIC = "panoptic"  # the panoptic setting's one stage (base labels + distillation)
 
 # Where a point's training label came from (logged as label-source fractions).
 SOURCE_NONE, SOURCE_GT, SOURCE_TEACHER, SOURCE_SELF = 0, 1, 2, 3
@@ -55,7 +56,7 @@ class Stage:
 
 
 def plan_stages(cfg: TrainConfig) -> list[Stage]:
-    stages = [Stage(CLIP_GUIDED, 0, cfg.trainer.iterations)]
+    stages = [Stage(PANOPTIC if cfg.setting == "panoptic" else CLIP_GUIDED, 0, cfg.trainer.iterations)]
     if cfg.self_training.enabled:
         end = cfg.trainer.iterations + cfg.self_training.iterations
         stages.append(Stage(SELF_TRAINING, cfg.trainer.iterations, end, cfg.self_training.lr_scale))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from clip3d_core.checkpoint import load_checkpoint
 from clip3d_core.clip import load_clip
 from clip3d_core.clip.dense import DenseClipEncoder
+from clip3d_core.clip.text import NameEmbeddings
 from clip3d_core.data import Frame, ZeroShotSplit
 from clip3d_core.geometry import project_points
 from clip3d_core.labels import IGNORE_INDEX
@@ -35,7 +36,8 @@ from clip3d_core.metrics import (
     merged_results,
 )
 from clip3d_core.model import Clip3DNet
-from clip3d_core.predictor import CameraFeatures, Prediction, predict
+from clip3d_core.model.panoptic import PanopticNet
+from clip3d_core.predictor import CameraFeatures, CameraSource, Prediction, predict, predict_panoptic
 from clip3d_core.pseudo_labels import classify
 from clip3d_core.teacher import ClipTeacher, Teacher, frame_point_targets
 from clip3d_core.training.config import TrainConfig
@@ -75,8 +77,31 @@ class FramePredictor:
         points = torch.as_tensor(frame.points, dtype=torch.float32, device=self.device)
         camera = None
         if self.teacher is not None and frame.cameras:
-            camera = _FrameCameras(self.teacher, frame, self.text)
+            camera = _FrameCameras(self.teacher, frame, self.text)  # teacher text: one row per class
+        return self._predict(points, camera)
+
+    def _predict(self, points: Tensor, camera: CameraSource | None) -> Prediction:
         return predict(self.model, points, self.text, camera=camera, score_threshold=self.score_threshold)
+
+
+class PanopticFramePredictor(FramePredictor):
+    """A panoptic model on one frame, as the segmenter runs it: `predict_panoptic` with every name's
+    text row (a class scores the maximum over its names), the frame's camera features for fusion
+    heads (made by ``teacher`` against ``text``, one row per class) and ``score_threshold``."""
+
+    def __init__(self, model: PanopticNet, names: NameEmbeddings, thing: Tensor, min_points: int,
+                 device: torch.device, *, teacher: Teacher | None = None, text: Tensor | None = None,
+                 score_threshold: float | None = None) -> None:
+        self.model, self.names, self.device = model, names.to(device), device
+        self.text = self.names.class_vectors() if text is None else text
+        self.thing, self.min_points = thing.to(device), min_points
+        self.teacher = teacher if model.cfg.head.reads_camera else None
+        self.score_threshold = score_threshold
+
+    def _predict(self, points: Tensor, camera: CameraSource | None) -> Prediction:
+        return predict_panoptic(self.model, points, self.names.text, self.thing, min_points=self.min_points,
+                                camera=camera, name_class=self.names.name_class,
+                                score_threshold=self.score_threshold)[0]
 
 
 @dataclass

@@ -36,6 +36,7 @@ def shipped_file(relative: str) -> Path:
 
 NODE = "clip3d"
 OUTPUT_TOPIC = f"/{NODE}/labelled_points"
+OBJECTS_TOPIC = f"/{NODE}/objects"  # panoptic models: the launch file's and label-bag's default
 META_TOPIC = f"/{NODE}/labels_meta"
 VOCAB_TOPIC = f"/{NODE}/vocabulary"
 # Set part-way through the replay: coarser classes, built from the synthetic world's class names

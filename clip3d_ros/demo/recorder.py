@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from clip3d_ros import bag
-from clip3d_ros.demo.config import META_TOPIC, OUTPUT_TOPIC, VOCAB_TOPIC
+from clip3d_ros import bag, markers
+from clip3d_ros.demo.config import META_TOPIC, OBJECTS_TOPIC, OUTPUT_TOPIC, VOCAB_TOPIC
 from clip3d_ros.tools import make_bag
 from clip3d_ros.vocabulary_map import parse_labels_meta, parse_vocabulary_map
 
@@ -30,6 +30,7 @@ class Recorder:
         from rclpy.qos import DurabilityPolicy, QoSProfile
         from sensor_msgs.msg import PointCloud2
         from std_msgs.msg import String
+        from visualization_msgs.msg import MarkerArray
 
         self.start_ns = start_ns
         self.lock = threading.Lock()
@@ -37,6 +38,7 @@ class Recorder:
         self.output_arrival: dict[int, float] = {}
         self.meta: dict[int, dict[str, Any]] = {}
         self.vocabularies: dict[int, dict[str, Any]] = {}
+        self.object_messages = 0  # MarkerArrays of a panoptic model (none from a semantic one)
         self._queue: queue.Queue[tuple[str, int, bytes] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._opened = threading.Event()
@@ -53,6 +55,7 @@ class Recorder:
         node.create_subscription(PointCloud2, OUTPUT_TOPIC, self._on_output, QoSProfile(depth=10), raw=True)
         node.create_subscription(String, META_TOPIC, self._on_meta, QoSProfile(depth=50), raw=True)
         node.create_subscription(String, VOCAB_TOPIC, self._on_vocabulary, latched, raw=True)
+        node.create_subscription(MarkerArray, OBJECTS_TOPIC, self._on_objects, QoSProfile(depth=10), raw=True)
 
     def _write_loop(self, path: Path, storage: str) -> None:
         try:
@@ -60,6 +63,7 @@ class Recorder:
                 writer.add_topic(OUTPUT_TOPIC, bag.T_CLOUD)
                 writer.add_topic(META_TOPIC, bag.T_STRING)
                 writer.add_topic(VOCAB_TOPIC, bag.T_STRING, bag.QOS_LATCHED)
+                writer.add_topic(OBJECTS_TOPIC, markers.T_MARKER_ARRAY)
                 self._opened.set()
                 while (item := self._queue.get()) is not None:
                     writer.write_raw(*item)
@@ -85,6 +89,15 @@ class Recorder:
         with self.lock:
             self.output_arrival[stamp] = now
         self._queue.put((OUTPUT_TOPIC, stamp, raw))
+
+    def _on_objects(self, raw: bytes) -> None:
+        msg = bag.deserialize(raw, markers.T_MARKER_ARRAY)  # a sequence first: no header to peek at
+        if not msg.markers:  # the node always sends its DELETEALL (the cloud's header) first
+            log.warning("empty objects MarkerArray")
+            return
+        with self.lock:
+            self.object_messages += 1
+        self._queue.put((OBJECTS_TOPIC, bag.stamp_ns(msg.markers[0].header), raw))
 
     def _on_meta(self, raw: bytes) -> None:
         try:

@@ -1,4 +1,5 @@
-"""The demo's summary: label histograms per vocabulary, latency percentiles, summary.md."""
+"""The demo's summary: label histograms (and, for panoptic models, objects) per vocabulary, latency
+percentiles, summary.md."""
 
 from __future__ import annotations
 
@@ -23,24 +24,44 @@ def vocabulary_from_map(vocab_map: dict[str, Any]) -> Vocabulary:
     )
 
 
-def label_histograms(
+def label_statistics(
     labelled_bag: Path, vocabularies: dict[int, Vocabulary], versions: dict[int, int]
-) -> dict[int, dict[str, int]]:
-    """Points per class name for each vocabulary version (plus "unlabelled")."""
+) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, Any]]]:
+    """(points per class name for each vocabulary version, plus "unlabelled"; objects per version
+    of a panoptic model's clouds, i.e. those with an `instance` field: frames, instances, per frame
+    median / max, instances per class; {} for a semantic model)."""
     hist: dict[int, Counter[str]] = defaultdict(Counter)
+    per_frame: dict[int, list[int]] = defaultdict(list)
+    per_class: dict[int, Counter[str]] = defaultdict(Counter)
     reader = bag.open_reader(labelled_bag)
     try:
         conn = bag.require_topic(reader, OUTPUT_TOPIC, [bag.T_CLOUD])
         for _, _, msg in bag.iter_messages(reader, [conn]):
             stamp = bag.stamp_ns(msg.header)
             vocab = vocabularies[versions.get(stamp, max(vocabularies))]
-            labels = conversions.cloud_to_array(msg)["label"].astype(np.int64)
+            records = conversions.cloud_to_array(msg)
+            labels = records["label"].astype(np.int64)
             counts = np.bincount(np.minimum(labels, len(vocab)), minlength=len(vocab) + 1)
             names = [*vocab.names, "unlabelled"]
             hist[vocab.version].update({n: int(c) for n, c in zip(names, counts) if c})
+            if "instance" in records.dtype.names:
+                ids, first = np.unique(records["instance"], return_index=True)
+                kept = ids > 0  # one class per instance (the merge's segments)
+                per_frame[vocab.version].append(int(kept.sum()))
+                per_class[vocab.version].update(names[min(int(c), len(vocab))] for c in labels[first[kept]])
     finally:
         reader.close()
-    return {v: dict(c.most_common()) for v, c in sorted(hist.items())}
+    objects = {
+        v: {
+            "frames": len(n),
+            "instances": int(sum(n)),
+            "per_frame_median": float(np.median(n)),
+            "per_frame_max": int(max(n)),
+            "per_class": dict(per_class[v].most_common()),
+        }
+        for v, n in sorted(per_frame.items())
+    }
+    return {v: dict(c.most_common()) for v, c in sorted(hist.items())}, objects
 
 
 def percentiles(values: np.ndarray) -> dict[str, float | None]:
@@ -89,6 +110,23 @@ def summary_markdown(s: dict[str, Any]) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {name} | {count} | {100 * count / total:.1f}% |" for name, count in hist.items()]
+        lines.append("")
+    if s.get("objects"):
+        lines += [
+            "## Objects (panoptic model: thing instances in the labelled clouds; boxes in the "
+            "bird's-eye pictures)",
+            "",
+            f"MarkerArrays recorded on {s['objects_topic']}: {s['object_messages']}",
+            "",
+            "| vocabulary | frames | instances | per frame (median / max) | per class |",
+            "|---|---|---|---|---|",
+        ]
+        for version, o in s["objects"].items():
+            classes = ", ".join(f"{name} {count}" for name, count in o["per_class"].items()) or "-"
+            lines.append(
+                f"| v{version} | {o['frames']} | {o['instances']} | "
+                f"{o['per_frame_median']:g} / {o['per_frame_max']} | {classes} |"
+            )
         lines.append("")
     lines += ["## Pictures", ""]
     for p in s["pictures"]:

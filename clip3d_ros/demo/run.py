@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 
 from clip3d_ros.demo.artefacts import checkpoint_vocabulary, prepare_bag, prepare_checkpoint
-from clip3d_ros.demo.config import OUTPUT_TOPIC, DemoConfig
+from clip3d_ros.demo.config import OBJECTS_TOPIC, OUTPUT_TOPIC, DemoConfig
 from clip3d_ros.demo.pictures import draw_frames
 from clip3d_ros.demo.processes import _wait_for_node, child_process, node_parameters, ros_env, set_vocabulary
 from clip3d_ros.demo.recorder import Recorder, _drain
-from clip3d_ros.demo.report import label_histograms, percentiles, summary_markdown, vocabulary_from_map
+from clip3d_ros.demo.report import label_statistics, percentiles, summary_markdown, vocabulary_from_map
 from clip3d_ros.tools import make_bag
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 f"~/input/pointcloud:={make_bag.CLOUD_TOPIC}",
                 "-r",
                 f"~/output/pointcloud:={OUTPUT_TOPIC}",
+                "-r",
+                f"~/output/objects:={OBJECTS_TOPIC}",
             ]
             node_env = {"OMP_NUM_THREADS": str(cfg.node_threads), **env}  # an explicit setting wins
             with child_process(node_cmd, node_env, cfg.out / "node.log", "node") as node_proc:
@@ -134,6 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         latencies = recorder.latencies_ms()
         vocab_maps = dict(recorder.vocabularies)
         versions = {s: int(m["version"]) for s, m in recorder.meta.items()}
+        object_messages = recorder.object_messages
     finally:
         executor.shutdown()
         spinner.join(timeout=5)
@@ -155,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         p["bev"] = f"frames/{p['bev']}"
         if "overlay" in p:
             p["overlay"] = f"frames/{p['overlay']}"
-    histograms = label_histograms(labelled, vocabularies, versions)
+    histograms, objects = label_statistics(labelled, vocabularies, versions)
     runtime["pictures"] = round(time.monotonic() - t, 1)
     runtime["total"] = round(time.monotonic() - t_start, 1)
     summary = {
@@ -178,6 +181,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "vocabularies": {v: m for v, m in sorted(vocab_maps.items())},
         "frames_per_version": dict(sorted(Counter(versions.values()).items())),
         "label_histogram": histograms,
+        "objects": objects,
+        "objects_topic": OBJECTS_TOPIC,
+        "object_messages": object_messages,
         "labelled_bag": str(labelled),
         "pictures": pictures,
         "runtime_s": runtime,
