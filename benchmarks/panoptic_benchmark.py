@@ -74,7 +74,7 @@ ROWS: dict[str, dict[str, Any]] = {
            "label": "(b) without camera drop-out"},
 }
 METRICS = ("pq", "pq_novel_things", "pq_novel_stuff", "pq_base", "rq", "sq", "miou")
-DETAIL = ("pq_base_things", "pq_base_stuff", "rq_base_things", "sq_base_things", "rq_novel", "sq_novel",
+DETAIL = ("pq_base_things", "pq_base_stuff", "rq_novel", "sq_novel", "miou_novel_things", "miou_novel_stuff",
           "novel_things_segmented", "novel_things_segmented_as_novel")
 # the claims, as paired per-seed differences (same seed = same initialisation and batches)
 PAIRS = (("b", "a0", "fusion"), ("c", "b", "L_O"), ("d", "b", "L_V"), ("e", "b", "L_O + L_V"),
@@ -243,7 +243,7 @@ def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary",
 
 def paired(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Per-seed differences of the claims' row pairs (points of %), mean ± std over common seeds."""
-    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou")
+    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou_novel_things", "miou_novel_stuff")
     lines = ["| difference | what it measures | n | " + " | ".join(metrics) + " |",
              "|---|---|---:|" + "---:|" * len(metrics)]
     for x, y, what in PAIRS:
@@ -284,7 +284,11 @@ def report(args: argparse.Namespace, stats: dict[str, float], rows: dict[str, li
         "",
         *paired(rows),
         "",
-        "Base things / stuff and novel recognition vs segmentation quality:",
+        "Detail: base things / stuff; novel recognition (RQ) vs segmentation quality (SQ); novel mIoU (a",
+        "smoother measure than PQ, where one stuff class's segment either passes IoU 0.5 or not); the",
+        "share of novel-thing instances that some predicted segment overlaps with IoU > 0.5, of any",
+        "class and of a novel class (class-agnostic segmentation vs classification; '–': runs made",
+        "before this measure was added):",
         "",
         *table(rows, metrics=DETAIL),
         "",
