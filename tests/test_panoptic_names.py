@@ -55,6 +55,10 @@ def test_name_rows_from_a_text_tower_and_a_bank(loaded) -> None:
     assert torch.equal(from_bank.name_class, names.name_class)
     assert torch.allclose(from_bank.text, names.text, atol=1e-6)  # the bank renormalises its rows
     assert torch.equal(bank.lookup(vocab), from_bank.class_vectors())
+    # spellings the bank treats as one phrase (nuScenes lists both) keep the first one's vector
+    spelled = Vocabulary.from_strings(["traffic_cone|traffic cone", "road"])
+    both = EmbeddingBank.from_text_encoder(encoder, spelled.to_strings()).lookup_names(spelled)
+    assert torch.equal(both.text[0], both.text[1]) and both.name_class.tolist() == [0, 0, 1]
 
 
 def test_a_class_scores_the_cosine_of_its_best_matching_name(loaded) -> None:
