@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 
 class PanopticTrainer(Trainer):
+    """`Trainer` for ``setting: panoptic``: overrides the task hooks only (module doc)."""
+
     def __init__(self, cfg: TrainConfig, *, out_dir: str | Path | None = None, resume: bool = False) -> None:
         if cfg.setting != "panoptic":
             raise ConfigError(f"PanopticTrainer runs setting 'panoptic', not {cfg.setting!r}")
