@@ -15,7 +15,8 @@ sparse U-Net + query decoder in every row):
   (e)  (b) + L_O + L_V
   (b0) diagnostic: (b) without camera drop-out (run with --rows b0)
 
-Worlds: "easy" (random 32-d text, independent teacher errors, 4 surround cameras) and "hard" (the
+Worlds: "easy" (random 32-d text, independent teacher errors, 4 surround cameras), "easy_clean" (the
+same with an error-free teacher: a diagnostic of the teacher's feature quality) and "hard" (the
 transfer benchmark's hard world, training/synthetic_bench_hard.yaml: real CLIP ViT-B/32 text
 geometry, CLIP-like teacher errors at ~36 % accuracy, clutter, one front camera; needs
 ../shared/data). Fused rows are also evaluated with the camera removed (``*_nocam`` keys), and the
@@ -73,21 +74,30 @@ ROWS: dict[str, dict[str, Any]] = {
            "label": "(b) without camera drop-out"},
 }
 METRICS = ("pq", "pq_novel_things", "pq_novel_stuff", "pq_base", "rq", "sq", "miou")
+DETAIL = ("pq_base_things", "pq_base_stuff", "rq_base_things", "sq_base_things", "rq_novel", "sq_novel")
+# the claims, as paired per-seed differences (same seed = same initialisation and batches)
+PAIRS = (("b", "a0", "fusion"), ("c", "b", "L_O"), ("d", "b", "L_V"), ("e", "b", "L_O + L_V"),
+         ("e", "d", "L_O on top of L_V"), ("e", "a", "the method vs the PFC-style baseline"),
+         ("a0", "a", "cosine head vs fixed classifier + pooled CLIP (both LiDAR only)"),
+         ("b0", "b", "no camera drop-out"))
 EMBED_DIM = 32
 HARD_CONFIG = Path(__file__).resolve().parents[1] / "training" / "synthetic_bench_hard.yaml"
 
 
-def easy_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
+World = tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]  # world, teacher, class texts [C, D]
+
+
+def easy_world(noise: float = 0.1, confusion: float = 0.2) -> World:
     cams = tuple(CameraConfig(name=f"CAM_{i}", width=128, height=72, yaw_deg=90.0 * i) for i in range(4))
     world = SyntheticWorld(SyntheticConfig(seed=0, lidar=LidarConfig(pattern="vlp16", beams=16, azimuths=512,
                                                                      max_range=40.0), cameras=cams))
-    teacher = SimulatedTeacher(SimulatedTeacherConfig(patch_size=8, noise=0.1, confusion_prob=0.2))
+    teacher = SimulatedTeacher(SimulatedTeacherConfig(patch_size=8, noise=noise, confusion_prob=confusion))
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(SPLIT.num_classes, EMBED_DIM, generator=g), dim=1)
     return world, teacher, text
 
 
-def hard_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
+def hard_world() -> World:
     """World and teacher exactly as training/synthetic_bench_hard.yaml configures them."""
     cfg = load_train_config(HARD_CONFIG)
     world = SyntheticWorld(from_dict(SyntheticConfig, cfg.data.options["world"], where="world"))
@@ -98,7 +108,9 @@ def hard_world() -> tuple[SyntheticWorld, SimulatedTeacher, torch.Tensor]:
     return world, teacher, torch.from_numpy(geometry.vectors).float()
 
 
-WORLDS = {"easy": easy_world, "hard": hard_world}
+# easy_clean: the easy world with an error-free teacher (patch features = area mix of the true classes'
+# texts): what the teacher's errors cost the fused rows
+WORLDS = {"easy": easy_world, "easy_clean": lambda: easy_world(0.0, 0.0), "hard": hard_world}
 
 
 def build_data(world_name: str, train: int, val: int) -> dict[str, Any]:
@@ -189,13 +201,29 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
-def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary") -> list[str]:
-    lines = ["| row | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary",
+          metrics: tuple[str, ...] = METRICS) -> list[str]:
+    lines = ["| row | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
     for name, runs in rows.items():
         runs = [r for r in runs if key in r]
         if runs:
-            cells = [mean_std([r[key].get(m) for r in runs]) for m in METRICS]
+            cells = [mean_std([r[key].get(m) for r in runs]) for m in metrics]
             lines.append(f"| ({name}) {ROWS[name]['label']} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Per-seed differences of the claims' row pairs (points of %), mean ± std over common seeds."""
+    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou")
+    lines = ["| difference | what it measures | n | " + " | ".join(metrics) + " |",
+             "|---|---|---:|" + "---:|" * len(metrics)]
+    for x, y, what in PAIRS:
+        by_seed = {r["seed"]: r["summary"] for r in rows.get(y, [])}
+        both = [(r["summary"], by_seed[r["seed"]]) for r in rows.get(x, []) if r["seed"] in by_seed]
+        if both:
+            cells = [mean_std([None if a.get(m) is None or b.get(m) is None else a[m] - b[m]
+                               for a, b in both]) for m in metrics]
+            lines.append(f"| ({x}) − ({y}) | {what} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -223,6 +251,14 @@ def report(args: argparse.Namespace, stats: dict[str, float], rows: dict[str, li
         "",
         *table(rows),
         "",
+        "Paired per-seed differences (percentage points; positive = the first row is better):",
+        "",
+        *paired(rows),
+        "",
+        "Base things / stuff and novel recognition vs segmentation quality:",
+        "",
+        *table(rows, metrics=DETAIL),
+        "",
         "Fused rows evaluated with the camera removed (LiDAR only at inference):",
         "",
         *table({k: v for k, v in rows.items() if ROWS[k]["fusion"]}, "summary_nocam"),
@@ -241,6 +277,7 @@ def main() -> None:
     ap.add_argument("--val-frames", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     ap.add_argument("--resume", action="store_true", help="keep the finished runs of the same settings")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/panoptic_benchmark.py", *sys.argv[1:]])
@@ -249,6 +286,15 @@ def main() -> None:
     settings = {"world": args.world, "iterations": args.iterations, "train_frames": args.train_frames,
                 "val_frames": args.val_frames}
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in args.rows}
+    if args.report_only:
+        old = json.loads(json_path.read_text())
+        for k, v in old["settings"].items():
+            setattr(args, k, v)
+        args.seeds = old["seeds"]
+        rows = {k: v["runs"] for k, v in old["rows"].items()}
+        md_path.write_text(report(args, old["data"], rows, old["command"]))
+        print(md_path.read_text())
+        return
     if args.resume and json_path.is_file():
         old = json.loads(json_path.read_text())
         if old.get("settings") == settings:

@@ -15,7 +15,9 @@ vocabulary: a one-class vocabulary always scores 1).
 Panoptic checkpoints (`PanopticNet`) run through `predictor.predict_panoptic` instead: ``instances``
 holds an instance id per point (0 = none / stuff; ids 1..K per frame, not tracked across frames),
 ``scores`` the sigmoid class score of the point's segment, and a vocabulary entry is a thing class
-when one of its names is among the checkpoint's thing names (`PanopticInfo.things`).
+when one of its names is among the checkpoint's thing names (`PanopticInfo.things`). Their text is
+one row per name (`text_embeddings` [T, D], from the checkpoint's per-phrase bank or the text tower)
+and an entry scores the maximum over its names ("person|pedestrian": the better-matching one).
 
 The text side is swappable while frames are processed: `encode_vocabulary` (slow, any thread, no
 state change) then `swap_vocabulary` (instant, under a lock); each `segment` call reads one
@@ -47,6 +49,7 @@ from clip3d_core.clip import (
     load_clip,
 )
 from clip3d_core.clip.dense import DenseClipEncoder
+from clip3d_core.clip.text import name_classes
 from clip3d_core.geometry import PinholeCamera
 from clip3d_core.labels import UNLABELLED
 from clip3d_core.model import Clip3DNet, ModelConfig
@@ -252,15 +255,19 @@ class Segmenter:
 
     @property
     def text_embeddings(self) -> torch.Tensor | None:
+        """[C, D] one row per vocabulary entry (synonyms averaged); panoptic models: [T, D] one row
+        per name, entries' synonyms in order (a class scores the maximum over its names)."""
         state = self._state
         return None if state is None else state[1]
 
     def _embed_text(self, vocab: Vocabulary) -> torch.Tensor:
-        if self.text_source is None:
+        source = self.text_source
+        if source is None:
             raise VocabularyError("this segmenter has no text encoder or embedding bank; use swap_vocabulary")
-        if isinstance(self.text_source, EmbeddingBank):
-            return self.text_source.lookup(vocab)
-        return self.text_source.encode(vocab)
+        bank = isinstance(source, EmbeddingBank)
+        if self.panoptic is not None:  # the bank stores one vector per phrase: names serve as well
+            return (source.lookup_names(vocab) if bank else source.encode_names(vocab)).text
+        return source.lookup(vocab) if bank else source.encode(vocab)
 
     def check_vocabulary(self, names: VocabularyLike) -> None:
         """Raise `VocabularyError` unless `encode_vocabulary(names)` would succeed, without running
@@ -304,10 +311,11 @@ class Segmenter:
 
     def _check_text(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> torch.Tensor:
         d = self.model_cfg.embed_dim
+        rows = len(vocabulary) if self.panoptic is None else sum(len(e.synonyms) for e in vocabulary.entries)
         text = torch.as_tensor(text)
-        if text.ndim != 2 or text.shape != (len(vocabulary), d):
+        if text.ndim != 2 or text.shape != (rows, d):
             raise VocabularyError(
-                f"text embeddings must be [{len(vocabulary)}, {d}], got {tuple(text.shape)}"
+                f"text embeddings must be [{rows}, {d}], got {tuple(text.shape)}"
             )
         if not bool(torch.isfinite(text).all()):
             raise VocabularyError("text embeddings contain NaN/inf")
@@ -398,8 +406,10 @@ class Segmenter:
                 pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
             else:
                 thing = torch.from_numpy(thing_mask(vocab, self.panoptic.things)).to(self.device)
+                name_class = name_classes(vocab.entries).to(self.device)
                 pred = predict_panoptic(self.model, x, text, thing, min_points=self.panoptic.min_points,
-                                        camera=camera, score_threshold=threshold, features=return_features,
+                                        name_class=name_class, camera=camera, score_threshold=threshold,
+                                        features=return_features,
                                         lap=watch.lap)[0]
             outputs = {"valid": pred.valid, "label": pred.labels.to(torch.int32),
                        "score": pred.scores.float()}

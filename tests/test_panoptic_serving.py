@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clip3d_core.clip import Vocabulary
+from clip3d_core.clip.text import name_classes
 from clip3d_core.labels import UNLABELLED
 from clip3d_core.model.panoptic import PanopticNet
 from clip3d_core.predictor import predict_panoptic
@@ -53,7 +54,7 @@ def test_segment_returns_the_instances_of_predict_panoptic(seg: Segmenter) -> No
     thing = torch.from_numpy(thing_mask(seg.vocabulary, THINGS))
     with torch.inference_mode():
         (ref,) = predict_panoptic(seg.model, torch.from_numpy(pts), seg.text_embeddings, thing,
-                                  min_points=MIN_POINTS)
+                                  min_points=MIN_POINTS, name_class=name_classes(seg.vocabulary.entries))
     np.testing.assert_array_equal(result.instances, ref.extras["instances"].numpy())
     ref_labels = ref.labels.numpy()
     np.testing.assert_array_equal(result.labels, np.where(ref_labels >= 0, ref_labels, UNLABELLED))
