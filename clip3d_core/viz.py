@@ -209,6 +209,21 @@ def overlay_points(
     )
 
 
+def draw_image_boxes(image: np.ndarray, uv: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """A camera image with a white rectangle around the pixels `uv` [N, 2] of each instance id > 0
+    (`instances` [N]: the image-plane extent of the instance's visible points). Returns a new image."""
+    uv = np.asarray(uv, dtype=np.float64)
+    instances = np.asarray(instances)
+    ok = np.isfinite(uv).all(axis=1) & (instances > 0)
+    pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for inst in np.unique(instances[ok]):
+        pts = uv[ok & (instances == inst)]
+        (u0, v0), (u1, v1) = np.floor(pts.min(0)), np.floor(pts.max(0))
+        draw.rectangle([u0, v0, u1, v1], outline=(255, 255, 255))
+    return np.asarray(pil)
+
+
 def overlay_png(
     path: str | Path,
     image: np.ndarray,
@@ -218,10 +233,14 @@ def overlay_png(
     depth: np.ndarray | None = None,
     radius: int = 2,
     title: str | None = None,
+    instances: np.ndarray | None = None,
 ) -> Path:
     """Write `overlay_points` of labelled points (coloured by class) with a legend. `uv`, `labels`,
-    `depth`: the points visible in this camera (see `geometry.project_points`)."""
+    `depth` (and ``instances``, panoptic ids: a box around each, `draw_image_boxes`): the points
+    visible in this camera (see `geometry.project_points`)."""
     drawn = overlay_points(image, uv, label_colours(labels, vocabulary.colours), depth, radius)
+    if instances is not None:
+        drawn = draw_image_boxes(drawn, uv, instances)
     names, colours, counts = _legend_rows(labels, vocabulary, 40)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

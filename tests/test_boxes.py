@@ -68,3 +68,23 @@ def test_bev_outlines_each_instance_box() -> None:
             r, c = int(np.rint((10.0 - x) / pixel)), int(np.rint((10.0 - y) / pixel))
             assert white[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].any()
     assert np.array_equal(draw_boxes(plain, [], extent, pixel), plain)
+
+
+def test_camera_overlays_box_each_instance_in_the_image() -> None:
+    """Camera overlays of panoptic output: a white rectangle spans each instance's visible pixels
+    (its corners at the extreme points), points without an instance get none."""
+    from clip3d_core.viz import draw_image_boxes
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    uv = np.array([[10.2, 5.0], [30.9, 20.5], [20.0, 12.0],  # instance 3: u 10..30, v 5..20
+                   [50.0, 40.0], [70.5, 55.2],  # instance 7: u 50..70, v 40..55
+                   [5.0, 50.0], [np.nan, 3.0]])  # no instance; a non-finite pixel
+    instances = np.array([3, 3, 3, 7, 7, 0, 7], np.uint32)
+    drawn = draw_image_boxes(image, uv, instances)
+    white = (drawn == 255).all(axis=2)
+    for u0, v0, u1, v1 in ((10, 5, 30, 20), (50, 40, 70, 55)):
+        assert white[v0, u0:u1 + 1].all() and white[v1, u0:u1 + 1].all()  # top and bottom edges
+        assert white[v0:v1 + 1, u0].all() and white[v0:v1 + 1, u1].all()  # left and right edges
+        assert not white[v0 + 1:v1, u0 + 1:u1].any()  # an outline, not a fill
+    assert white.sum() == 2 * (21 + 16) * 2 - 8  # the two outlines only (corners counted once)
+    assert not draw_image_boxes(image, uv, np.zeros(7, np.uint32)).any()

@@ -168,6 +168,25 @@ class NuScenesWriter:
             (d / f"{name}.json").write_text(json.dumps(rows))
 
 
+def write_real_keyframe(w: NuScenesWriter, src: Path, scene_name: str) -> tuple[str, int]:
+    """The real mini keyframe in ``src`` (mmdetection3d info .pkl) as one sample of a new scene: the
+    LiDAR sweep and the six cameras, per-camera ego poses recovered from its lidar2cam. Returns the
+    LiDAR sample_data token and the point count (labels are the caller's)."""
+    s = pickle.loads(next(src.glob("*.pkl")).read_bytes())["data_list"][0]
+    lidar2ego, ego2global = np.array(s["lidar_points"]["lidar2ego"]), np.array(s["ego2global"])
+    ts = round(s["timestamp"] * 1e6)
+    sample = w.sample(w.scene(scene_name), ts)
+    lidar_sd = w.sample_data(sample, w.sensor("LIDAR_TOP", lidar2ego), "LIDAR_TOP", ego2global, ts,
+                             src=src / s["lidar_points"]["lidar_path"], ext="pcd.bin")
+    n = (src / s["lidar_points"]["lidar_path"]).stat().st_size // 20
+    for name, cam in s["images"].items():
+        cam2ego, lidar2cam = np.array(cam["cam2ego"]), np.array(cam["lidar2cam"])
+        ego2global_cam = ego2global @ lidar2ego @ np.linalg.inv(lidar2cam) @ np.linalg.inv(cam2ego)
+        w.sample_data(sample, w.sensor(name, cam2ego, np.array(cam["cam2img"])), name, ego2global_cam,
+                      round(cam["timestamp"] * 1e6), src=src / cam["img_path"], hw=(900, 1600))
+    return lidar_sd, n
+
+
 def jpeg_bytes(hw: tuple[int, int], value: int) -> bytes:
     import io
 
@@ -463,21 +482,9 @@ def test_nuscenes_real_keyframe(tmp_path: Path, shared_data: Path) -> None:
 
     src = shared_data / "nuscenes_keyframe"
     info = pickle.loads(next(src.glob("*.pkl")).read_bytes())
-    s = info["data_list"][0]
     w = NuScenesWriter(tmp_path)
-    lidar2ego, ego2global = np.array(s["lidar_points"]["lidar2ego"]), np.array(s["ego2global"])
-    scene = w.scene("scene-0061")
-    ts = round(s["timestamp"] * 1e6)
-    sample = w.sample(scene, ts)
-    lidar_sd = w.sample_data(sample, w.sensor("LIDAR_TOP", lidar2ego), "LIDAR_TOP", ego2global, ts,
-                             src=src / s["lidar_points"]["lidar_path"], ext="pcd.bin")
-    n = (src / s["lidar_points"]["lidar_path"]).stat().st_size // 20
+    lidar_sd, n = write_real_keyframe(w, src, "scene-0061")
     w.lidarseg(lidar_sd, np.full(n, CATEGORY_NAMES.index("flat.driveable_surface")))
-    for name, cam in s["images"].items():
-        cam2ego, lidar2cam = np.array(cam["cam2ego"]), np.array(cam["lidar2cam"])
-        ego2global_cam = ego2global @ lidar2ego @ np.linalg.inv(lidar2cam) @ np.linalg.inv(cam2ego)
-        w.sample_data(sample, w.sensor(name, cam2ego, np.array(cam["cam2img"])), name, ego2global_cam,
-                      round(cam["timestamp"] * 1e6), src=src / cam["img_path"], hw=(900, 1600))
     w.write()
     f = NuScenesLidarSegDataset(tmp_path, "v1.0-mini", "mini_train")[0].validate()
     assert f.num_points == 34_688 and len(f.cameras) == 6 and f.images[0].shape == (900, 1600, 3)

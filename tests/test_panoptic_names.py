@@ -55,6 +55,10 @@ def test_name_rows_from_a_text_tower_and_a_bank(loaded) -> None:
     assert torch.equal(from_bank.name_class, names.name_class)
     assert torch.allclose(from_bank.text, names.text, atol=1e-6)  # the bank renormalises its rows
     assert torch.equal(bank.lookup(vocab), from_bank.class_vectors())
+    # spellings the bank treats as one phrase (nuScenes lists both) keep the first one's vector
+    spelled = Vocabulary.from_strings(["traffic_cone|traffic cone", "road"])
+    both = EmbeddingBank.from_text_encoder(encoder, spelled.to_strings()).lookup_names(spelled)
+    assert torch.equal(both.text[0], both.text[1]) and both.name_class.tolist() == [0, 0, 1]
 
 
 def test_a_class_scores_the_cosine_of_its_best_matching_name(loaded) -> None:
@@ -62,10 +66,10 @@ def test_a_class_scores_the_cosine_of_its_best_matching_name(loaded) -> None:
     car, automobile, road = F.normalize(torch.randn(3, d, generator=torch.Generator().manual_seed(0)), dim=1)
     bank = EmbeddingBank(["car", "automobile", "road"], torch.stack([car, automobile, road]), loaded.identity)
     names = bank.lookup_names(Vocabulary.from_strings(["car|automobile", "road"]))
-    head = OpenVocabClassifier(init_scale=10.0, init_bias=-4.0)
+    head = OpenVocabClassifier(init_scale=10.0, init_bias=-4.0).requires_grad_(False)
     query = automobile.unsqueeze(0)  # a query embedding equal to the second name of class 0
     logits = head(query, names.text, names.name_class, names.num_classes)
-    scale, bias = float(head.scale.detach()), float(head.bias.detach())
+    scale, bias = float(head.scale), float(head.bias)
     assert float(logits[0, 0]) == pytest.approx(scale * 1.0 + bias)  # cos(query, automobile) = 1
     assert float(logits[0, 1]) == pytest.approx(scale * float(automobile @ road) + bias)
     averaged = head(query, names.class_vectors())  # the synonym-averaged row scores less

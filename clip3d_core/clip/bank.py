@@ -118,9 +118,12 @@ class EmbeddingBank:
 
     @classmethod
     def from_text_encoder(cls, encoder: TextEncoder, names: Sequence[str]) -> EmbeddingBank:
-        """Encode phrases; entries like "car|automobile" contribute each synonym as its own phrase."""
+        """Encode phrases; entries like "car|automobile" contribute each synonym as its own phrase.
+        Spellings the bank matches as one phrase (`phrase_key`: "traffic_cone" and "traffic cone")
+        keep the first one's vector (the nuScenes vocabularies list both)."""
         vocab = Vocabulary.from_strings(names)
-        phrases = list(dict.fromkeys(s for e in vocab.entries for s in e.synonyms))
+        first = {phrase_key(s): s for e in reversed(vocab.entries) for s in reversed(e.synonyms)}
+        phrases = list(dict.fromkeys(first[phrase_key(s)] for e in vocab.entries for s in e.synonyms))
         return cls(phrases, encoder.encode_phrases(phrases), encoder.identity)
 
     @classmethod

@@ -218,6 +218,7 @@ def _write(
                     result.vocabulary,
                     depth=proj.depth[m].numpy()[seen],
                     title=f"{cam.name}" + ("  [UNTRAINED]" if untrained else ""),
+                    instances=None if result.instances is None else result.instances[seen],
                 )
             )
     summary = {

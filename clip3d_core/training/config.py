@@ -178,7 +178,9 @@ class TrainerConfig:
 
 @dataclass
 class PanopticConfig:
-    """Setting "panoptic" (`clip3d_core.training.panoptic_trainer`): the base / novel split (a name of
+    """Setting "panoptic" (`clip3d_core.training.panoptic_trainer`, the engine's `Trainer` with the
+    panoptic task plugged in: DDP, resume, augmentation, LR schedule as for the semantic setting;
+    fp32, `trainer.amp` ignored): the base / novel split (a name of
     `clip3d_core.data.panoptic` or a YAML file; its dataset fixes things and min segment size, and it
     replaces data.split / data.unseen) and `PanopticHeadConfig` overrides (the base-stuff query count
     follows the split, the camera drop-out is fusion.camera_dropout; ``classifier: fixed``, the PFC

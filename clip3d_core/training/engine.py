@@ -394,7 +394,7 @@ class Trainer:
         inputs = LossInputs(features=features, valid=out.valid, labels=labels, text=self.text,
                             logits=self.bare.logits(features, self.text), point_targets=pt, generator=gen)
         parts = combine_losses(self.loss_terms, inputs)
-        scalars = {"temperature": float(self.bare.temperature.detach()), **targets.fractions()}
+        scalars = targets.fractions()
         if gt_full is not None:
             # Diagnostics only (never used for training): how right the labels of points without
             # allowed GT are.
@@ -404,6 +404,10 @@ class Trainer:
             scalars["labels/hidden_coverage"] = q["coverage"]
             scalars["labels/hidden_accuracy"] = q["accuracy"]
         return parts, scalars
+
+    def _model_scalars(self) -> dict[str, float]:
+        """Learned scalars worth logging, read after the optimizer step."""
+        return {"temperature": float(self.bare.temperature.detach())}
 
     def _step(self, stage: Stage, frames: list, batch: dict[str, Any]) -> dict[str, float]:
         gen = torch.Generator().manual_seed(
@@ -418,7 +422,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
 
-        scalars = {**parts.scalars, **extra, "lr": self.optimizer.param_groups[0]["lr"]}
+        lr = self.optimizer.param_groups[0]["lr"]
+        scalars = {**parts.scalars, **extra, **self._model_scalars(), "lr": lr}
         if self.info.distributed:
             keys = sorted(scalars)
             vec = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.device)

@@ -43,10 +43,9 @@ class PanopticTask:
 
     def __post_init__(self) -> None:
         self.terms = build_loss_terms(self.loss)
-        if isinstance(self.text, Tensor):
-            c = self.text.shape[0]
-            self.text = NameEmbeddings(self.text, torch.arange(c, device=self.text.device), c)
-        self.names: NameEmbeddings = self.text
+        text = self.text
+        self.names = text if isinstance(text, NameEmbeddings) else \
+            NameEmbeddings(text, torch.arange(text.shape[0], device=text.device), text.shape[0])
 
     @property
     def stuff_classes(self) -> Tensor:

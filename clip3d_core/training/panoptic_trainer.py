@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 
 class PanopticTrainer(Trainer):
+    """`Trainer` for ``setting: panoptic``: overrides the task hooks only (module doc)."""
+
     def __init__(self, cfg: TrainConfig, *, out_dir: str | Path | None = None, resume: bool = False) -> None:
         if cfg.setting != "panoptic":
             raise ConfigError(f"PanopticTrainer runs setting 'panoptic', not {cfg.setting!r}")
@@ -104,8 +106,11 @@ class PanopticTrainer(Trainer):
         # from this iteration's generator (the global RNG would make a resumed run differ).
         batch = {**batch, "points": aug, "batch_index": batch_index}
         parts = training_losses(self.bare, self.task, batch, pt, forward=self.model, generator=gen)
+        return parts, {}
+
+    def _model_scalars(self) -> dict[str, float]:
         scale = getattr(self.bare.classifier, "scale", None)  # the cosine head's (not the fixed one's)
-        return parts, {} if scale is None else {"logit_scale": float(scale.detach())}
+        return {} if scale is None else {"logit_scale": float(scale.detach())}
 
     # ------------------------------------------------------------------ evaluation
     def predictor(self) -> PanopticFramePredictor:

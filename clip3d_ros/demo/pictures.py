@@ -74,6 +74,7 @@ def draw_frames(
                 vocab,
                 depth=proj.depth[0].numpy()[seen],
                 title=title,
+                instances=None if instances is None else instances[seen],
             ).name
         written.append(entry)
     return written
