@@ -25,7 +25,13 @@ data's camera coverage and teacher accuracy are measured, to explain what fusion
 Every (row, seed) is trained once; results are written after every run (``--resume`` continues an
 interrupted benchmark with the same arguments). Mean ± std over seeds. A script, not a test:
 
-  nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --seeds 0 1 2 3 4 --iterations 300
+  nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --seeds 0 1 2 3 4 --iterations 250 \
+      --rows a a0 b c d e b0
+  nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --world easy_clean --seeds 0 1 2 \
+      --iterations 250 --rows b e
+  nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --world hard --seeds 0 1 2 \
+      --iterations 250 --rows a e b
+(the committed results; docs/benchmark_worlds.md reads them).
 """
 
 from __future__ import annotations
