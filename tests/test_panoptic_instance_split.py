@@ -77,7 +77,9 @@ def test_small_fragments_are_dropped_and_stuff_is_not_split() -> None:
     mask, cls, p2v = one_voxel_per_point([0] * 43 + [1] * 20, [1, 0], 2)
     on = panoptic_merge(mask, cls, THING, p2v, min_points=5, points=pts, instance_gap=1.0)
     assert on.instance[:40].unique().tolist() == [1] and (on.semantic[:40] == 1).all()
-    assert (on.semantic[40:43] == -1).all() and (on.instance[40:43] == 0).all() and (on.score[40:43] == 0).all()
+    fragment = slice(40, 43)
+    assert (on.semantic[fragment] == -1).all() and (on.instance[fragment] == 0).all()
+    assert (on.score[fragment] == 0).all()
     assert (on.semantic[43:] == 0).all() and (on.instance[43:] == 0).all()  # stuff: one segment, kept
     # without the split the fragment belongs to the car's 43 points and is kept
     off = panoptic_merge(mask, cls, THING, p2v, min_points=5)
@@ -88,7 +90,7 @@ def test_off_is_the_papers_merge() -> None:
     """0 and None are the merge without the split; a gap wider than the cloud connects every query's
     points, so the split path then gives exactly the same ids, labels and scores."""
     g = torch.Generator().manual_seed(0)
-    for trial in range(5):
+    for _ in range(5):
         q, v, n, c = 9, 300, 1200, 4
         mask = torch.randn(q, v, generator=g) * 3
         cls = torch.randn(q, c, generator=g) * 2
@@ -118,8 +120,8 @@ def test_the_checkpoint_carries_the_gap_and_old_checkpoints_merge_as_before(tmp_
     assert load_checkpoint(gap_path).panoptic.instance_gap == 0.5
 
     rng = np.random.default_rng(0)
-    pts = np.concatenate([rng.uniform([-15, -15, -1.7], [15, 15, 1.3], (3000, 3)), rng.uniform(size=(3000, 1))],
-                         1).astype(np.float32)
+    xyz = rng.uniform([-15, -15, -1.7], [15, 15, 1.3], (3000, 3))
+    pts = np.concatenate([xyz, rng.uniform(size=(3000, 1))], 1).astype(np.float32)
     old, gap = Segmenter.from_checkpoint(old_path), Segmenter.from_checkpoint(gap_path)
     assert replace(gap.panoptic, instance_gap=0.0) == old.panoptic
     thing = torch.from_numpy(thing_mask(old.vocabulary, PANOPTIC_THINGS))

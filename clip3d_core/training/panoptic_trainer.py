@@ -55,7 +55,7 @@ class PanopticTrainer(Trainer):
         if cfg.setting != "panoptic":
             raise ConfigError(f"PanopticTrainer runs setting 'panoptic', not {cfg.setting!r}")
         if cfg.panoptic.instance_gap < 0:
-            raise ConfigError(f"panoptic.instance_gap must be >= 0 (0 = off), got {cfg.panoptic.instance_gap}")
+            raise ConfigError(f"panoptic.instance_gap must be >= 0 (0 = off): {cfg.panoptic.instance_gap}")
         super().__init__(cfg, out_dir=out_dir, resume=resume)
         self._set_names()
 
