@@ -47,19 +47,21 @@ def query_components(query: Tensor, xyz: Tensor, gap: float) -> tuple[Tensor, in
     if (int(query.max()) + 1) * float(ext.double().prod()) >= 2.0**62:
         raise ValueError(f"instance_gap {gap} m is too small for the cloud's extent (cell keys overflow)")
     key = ((query.long() * ext[0] + cell[:, 0]) * ext[1] + cell[:, 1]) * ext[2] + cell[:, 2]
-    cells, point_cell = torch.unique(key, return_inverse=True)  # sorted: query-major
+    # the cell graph in numpy (scipy labels it; numpy's searchsorted of sorted rows is several times
+    # torch's on CPU)
+    cells, point_cell = np.unique(key.cpu().numpy(), return_inverse=True)  # sorted: query-major
+    e = ext.cpu().numpy()
     # half of the 26 neighbours (the lexicographically positive offsets): the graph is undirected
-    offsets = torch.tensor([(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
-                            if (dx, dy, dz) > (0, 0, 0)], dtype=torch.long, device=key.device)
-    step = (offsets[:, 0] * ext[1] + offsets[:, 1]) * ext[2] + offsets[:, 2]
+    offsets = np.array([(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
+                        if (dx, dy, dz) > (0, 0, 0)], dtype=np.int64)
+    step = (offsets[:, 0] * e[1] + offsets[:, 1]) * e[2] + offsets[:, 2]
     neighbour = cells[None, :] + step[:, None]  # [13, M'] same query (the key's query part is unchanged)
-    at = torch.searchsorted(cells, neighbour).clamp(max=cells.numel() - 1)
+    at = np.minimum(np.searchsorted(cells, neighbour), len(cells) - 1)
     hit = cells[at] == neighbour
-    src = torch.arange(cells.numel(), device=key.device).expand_as(at)[hit]
-    m = cells.numel()
-    graph = coo_matrix((np.ones(int(hit.sum())), (src.cpu().numpy(), at[hit].cpu().numpy())), shape=(m, m))
+    src = np.broadcast_to(np.arange(len(cells)), at.shape)[hit]
+    graph = coo_matrix((np.ones(len(src)), (src, at[hit])), shape=(len(cells), len(cells)))
     k, cell_comp = connected_components(graph, directed=False)  # labels in order of the lowest cell
-    return torch.from_numpy(cell_comp).to(device=key.device, dtype=torch.long)[point_cell], int(k)
+    return torch.from_numpy(cell_comp[point_cell].astype(np.int64)).to(query.device), int(k)
 
 
 def panoptic_merge(mask_logits: Tensor, class_logits: Tensor, thing: Tensor, point_to_voxel: Tensor, *,
