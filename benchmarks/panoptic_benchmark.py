@@ -74,7 +74,8 @@ ROWS: dict[str, dict[str, Any]] = {
            "label": "(b) without camera drop-out"},
 }
 METRICS = ("pq", "pq_novel_things", "pq_novel_stuff", "pq_base", "rq", "sq", "miou")
-DETAIL = ("pq_base_things", "pq_base_stuff", "rq_base_things", "sq_base_things", "rq_novel", "sq_novel")
+DETAIL = ("pq_base_things", "pq_base_stuff", "rq_novel", "sq_novel", "miou_novel_things", "miou_novel_stuff",
+          "novel_things_segmented", "novel_things_segmented_as_novel")
 # the claims, as paired per-seed differences (same seed = same initialisation and batches)
 PAIRS = (("b", "a0", "fusion"), ("c", "b", "L_O"), ("d", "b", "L_V"), ("e", "b", "L_O + L_V"),
          ("e", "d", "L_O on top of L_V"), ("e", "a", "the method vs the PFC-style baseline"),
@@ -143,17 +144,45 @@ def data_stats(data: dict[str, Any]) -> dict[str, float]:
             "teacher_accuracy_visible_base": right_base / max(lab_base, 1)}
 
 
+def novel_thing_segments(labels: np.ndarray, instances: np.ndarray, gt_labels: np.ndarray,
+                         gt_instances: np.ndarray) -> np.ndarray:
+    """Per novel-thing ground-truth instance (>= min_points points) the class of the predicted
+    segment overlapping it with IoU > 0.5, whatever that class (-1: none does; class-agnostic
+    segmentation vs classification of the novel things)."""
+    novel_thing = SPLIT.novel_mask() & SPLIT.spec.thing_mask()
+    pred_id = np.where(labels >= 0, labels * 100_000 + instances, -1)
+    out = []
+    for key in np.unique(gt_labels * 100_000 + gt_instances):
+        cls, inst = divmod(int(key), 100_000)
+        gt = (gt_labels == cls) & (gt_instances == inst)
+        if cls < 0 or inst == 0 or not novel_thing[cls] or gt.sum() < SPLIT.spec.min_points:
+            continue
+        ids, counts = np.unique(pred_id[gt], return_counts=True)
+        best, inter = int(ids[counts.argmax()]), int(counts.max())
+        union = int(gt.sum()) + int((pred_id == best).sum()) - inter
+        out.append(best // 100_000 if best >= 0 and inter / union > 0.5 else -1)
+    return np.array(out, dtype=np.int64)
+
+
 def evaluate(model: PanopticNet, data: dict[str, Any], camera: bool) -> dict[str, float | None]:
     metric = PanopticQuality(SPLIT.classes, SPLIT.spec.thing_mask(), min_points=SPLIT.spec.min_points,
                              novel=SPLIT.novel_mask())
     thing = torch.from_numpy(SPLIT.spec.thing_mask())
+    segments = []
     for f, pt in zip(data["val"], data["val_targets"]):
         with torch.no_grad():
             p = predict_panoptic(model, torch.from_numpy(f.points), data["text"], thing,
                                  min_points=SPLIT.spec.min_points,
                                  camera=CameraFeatures(pt.features, pt.visible) if camera else None)[0]
         metric.update(p.labels, p.extras["instances"], f.labels, f.instances)
-    return dict(metric.report().summary)
+        segments.append(novel_thing_segments(p.labels.numpy(), p.extras["instances"].numpy(), f.labels,
+                                             f.instances))
+    seg = np.concatenate(segments)
+    novel = SPLIT.novel_mask()
+    n = max(len(seg), 1)
+    return {**metric.report().summary, "novel_things_count": len(seg),
+            "novel_things_segmented": float((seg >= 0).sum() / n),
+            "novel_things_segmented_as_novel": float(((seg >= 0) & novel[np.maximum(seg, 0)]).sum() / n)}
 
 
 def run(row: dict[str, Any], seed: int, data: dict[str, Any], iterations: int) -> dict[str, Any]:
@@ -214,7 +243,7 @@ def table(rows: dict[str, list[dict[str, Any]]], key: str = "summary",
 
 def paired(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Per-seed differences of the claims' row pairs (points of %), mean ± std over common seeds."""
-    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou")
+    metrics = ("pq_novel_things", "pq_novel_stuff", "pq_base", "pq", "miou_novel_things", "miou_novel_stuff")
     lines = ["| difference | what it measures | n | " + " | ".join(metrics) + " |",
              "|---|---|---:|" + "---:|" * len(metrics)]
     for x, y, what in PAIRS:
@@ -255,7 +284,11 @@ def report(args: argparse.Namespace, stats: dict[str, float], rows: dict[str, li
         "",
         *paired(rows),
         "",
-        "Base things / stuff and novel recognition vs segmentation quality:",
+        "Detail: base things / stuff; novel recognition (RQ) vs segmentation quality (SQ); novel mIoU (a",
+        "smoother measure than PQ, where one stuff class's segment either passes IoU 0.5 or not); the",
+        "share of novel-thing instances that some predicted segment overlaps with IoU > 0.5, of any",
+        "class and of a novel class (class-agnostic segmentation vs classification; '–': runs made",
+        "before this measure was added):",
         "",
         *table(rows, metrics=DETAIL),
         "",
