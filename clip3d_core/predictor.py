@@ -122,6 +122,7 @@ def predict_panoptic(
     thing: Tensor,
     *,
     min_points: int,
+    instance_gap: float = 0.0,
     batch_index: Tensor | None = None,
     camera: CameraFeatures | CameraSource | None = None,
     name_class: Tensor | None = None,
@@ -134,7 +135,8 @@ def predict_panoptic(
     features = the per-point embedding rebuilt from the queries, no logits.
 
     ``text`` [T, D] holds one row per name (``name_class`` [T] their classes; None = one per
-    class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped.
+    class), ``thing`` [C] marks thing classes; segments under ``min_points`` points are dropped;
+    ``instance_gap`` > 0 splits thing segments into spatially connected components (`panoptic_merge`).
     ``camera``: CLIP features at the points (or a `CameraSource` making them; it is asked for the
     points inside the grid, known only after voxelising), used by fusion heads and by the PFC
     baseline's fixed classifier (each query scored by the CLIP features pooled in its mask,
@@ -178,7 +180,8 @@ def predict_panoptic(
             probs = pooled_clip_probs(class_logits, pooled, has, text, name_class, alpha=head.pool_alpha,
                                       scale=head.pool_scale)
             class_logits = torch.logit(probs, eps=1e-6)  # the merge reads sigmoid scores
-        merged = panoptic_merge(out.mask_logits[b], class_logits, thing, p2v, min_points=min_points)
+        merged = panoptic_merge(out.mask_logits[b], class_logits, thing, p2v, min_points=min_points,
+                                points=points[sel], instance_gap=instance_gap)
         labels, instances = merged.semantic, merged.instance
         if score_threshold is not None:
             low = merged.score < score_threshold

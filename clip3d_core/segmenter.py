@@ -408,6 +408,7 @@ class Segmenter:
                 thing = torch.from_numpy(thing_mask(vocab, self.panoptic.things)).to(self.device)
                 name_class = name_classes(vocab.entries).to(self.device)
                 pred = predict_panoptic(self.model, x, text, thing, min_points=self.panoptic.min_points,
+                                        instance_gap=self.panoptic.instance_gap,
                                         name_class=name_class, camera=camera, score_threshold=threshold,
                                         features=return_features,
                                         lap=watch.lap)[0]

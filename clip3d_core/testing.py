@@ -26,7 +26,8 @@ PANOPTIC_VOCABULARY = ("road", "car|automobile", "bus", "person|Pedestrian", "ve
 PANOPTIC_THINGS = ("car", "bus", "pedestrian", "bicycle")
 
 
-def tiny_panoptic_checkpoint(path: str | Path, *, fusion: bool = False, min_points: int = 5) -> Path:
+def tiny_panoptic_checkpoint(path: str | Path, *, fusion: bool = False, min_points: int = 5,
+                             instance_gap: float = 0.0) -> Path:
     """An UNTRAINED tiny panoptic checkpoint (random tiny CLIP, `PANOPTIC_VOCABULARY`, things
     `PANOPTIC_THINGS`) for serving tests: its instances mean nothing, the contract does."""
     from clip3d_core.checkpoint import build_untrained_checkpoint
@@ -40,7 +41,7 @@ def tiny_panoptic_checkpoint(path: str | Path, *, fusion: bool = False, min_poin
     # voxel 0.4: at 0.5 the default z range leaves the U-Net's deepest level no z cell
     model = ModelConfig.small(embed_dim=load_clip(clip).identity.embed_dim, voxel_size=0.4)
     return build_untrained_checkpoint(path, model, clip, vocabulary=list(PANOPTIC_VOCABULARY),
-                                      panoptic=PanopticInfo(head, PANOPTIC_THINGS, min_points))
+                                      panoptic=PanopticInfo(head, PANOPTIC_THINGS, min_points, instance_gap))
 
 
 def assert_resumed_like_uninterrupted(straight: Trainer, resumed: Trainer, done: TrainResult,

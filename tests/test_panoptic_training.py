@@ -127,30 +127,37 @@ def test_novel_ground_truth_never_reaches_training(data) -> None:
 
 
 def test_clip3d_train_panoptic_setting(tmp_path) -> None:
-    """`clip3d train` with training/synthetic_panoptic_tiny.yaml: a panoptic checkpoint and PQ metrics."""
+    """`clip3d train` with training/synthetic_panoptic_tiny.yaml: a panoptic checkpoint (carrying the
+    config's merge settings) and PQ metrics; `clip3d evaluate` reproduces them and scores the same
+    checkpoint at another ``panoptic.instance_gap``."""
     from pathlib import Path
 
     from clip3d_core.checkpoint import load_checkpoint
     from clip3d_core.cli import main
     from clip3d_core.config import ConfigError
-    from clip3d_core.training import load_train_config
+    from clip3d_core.training import load_train_config, make_trainer
 
     config = Path(__file__).resolve().parents[1] / "training" / "synthetic_panoptic_tiny.yaml"
-    args = ["train", "--config", str(config), "--out", str(tmp_path), "--set", "trainer.iterations=3"]
+    gap = ["--set", "panoptic.instance_gap=1.5"]
+    args = ["train", "--config", str(config), "--out", str(tmp_path), "--set", "trainer.iterations=3", *gap]
     assert main(args) == 0
     ckpt = load_checkpoint(tmp_path / "final.pt")
     assert ckpt.panoptic is not None and ckpt.panoptic.min_points == 15 and "bus" in ckpt.panoptic.things
+    assert ckpt.panoptic.instance_gap == 1.5
     assert ckpt.panoptic.head.num_stuff_queries == len(SPLIT.base_stuff_ids)
     assert isinstance(ckpt.build_model(), PanopticNet)
     metrics = json.loads((tmp_path / "metrics.json").read_text())["panoptic"]
     assert {"pq", "pq_novel_things", "pq_novel_stuff", "miou", "hiou"} <= set(metrics)
     # clip3d evaluate on the checkpoint reproduces the run's own evaluation
-    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--config", str(config),
-                "--out", str(tmp_path / "eval")]
-    assert main(evaluate) == 0
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--config", str(config)]
+    assert main([*evaluate, "--out", str(tmp_path / "eval"), *gap]) == 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"] == metrics
+    assert main([*evaluate, "--out", str(tmp_path / "eval_off")]) == 0  # the config's gap (0): accepted
+    assert set(json.loads((tmp_path / "eval_off" / "eval.json").read_text())["metrics"]) == set(metrics)
     with pytest.raises(ConfigError, match="disable pseudo"):
         load_train_config(config, ["pseudo.enabled=true"])
+    with pytest.raises(ConfigError, match="instance_gap"):
+        make_trainer(load_train_config(config, ["panoptic.instance_gap=-1"]), out_dir=tmp_path / "x")
 
 
 def test_pfc_baseline_from_config(tmp_path, data) -> None:

@@ -104,11 +104,14 @@ class PanopticModelConfig:
 @dataclass(frozen=True)
 class PanopticInfo:
     """What a panoptic checkpoint adds to a semantic one: the head's sizes, the thing classes (names;
-    a live vocabulary's entries named so get instance ids) and the minimum segment size of the merge."""
+    a live vocabulary's entries named so get instance ids) and the merge's settings: the minimum
+    segment size and the spatial split of thing segments (`panoptic_merge`; metres, 0 = off, which
+    is also what checkpoints saved before the field existed load with)."""
 
     head: PanopticHeadConfig
     things: tuple[str, ...]
     min_points: int
+    instance_gap: float = 0.0
 
 
 @dataclass

@@ -184,10 +184,13 @@ class PanopticConfig:
     `clip3d_core.data.panoptic` or a YAML file; its dataset fixes things and min segment size, and it
     replaces data.split / data.unseen) and `PanopticHeadConfig` overrides (the base-stuff query count
     follows the split, the camera drop-out is fusion.camera_dropout; ``classifier: fixed``, the PFC
-    baseline, takes the split's base classes)."""
+    baseline, takes the split's base classes). ``instance_gap`` (metres, 0 = off): the merge splits
+    each thing query's points into spatially connected components, one instance each
+    (`panoptic_merge`); stored in the checkpoint's `PanopticInfo`, so serving merges as evaluated."""
 
     split: str = "synthetic_b13n4"
     head: dict[str, Any] = field(default_factory=dict)
+    instance_gap: float = 0.0
 
 
 @dataclass

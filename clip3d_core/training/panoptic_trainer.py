@@ -23,6 +23,7 @@ Hungarian matching and the merge are not validated under autocast).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ class PanopticTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, *, out_dir: str | Path | None = None, resume: bool = False) -> None:
         if cfg.setting != "panoptic":
             raise ConfigError(f"PanopticTrainer runs setting 'panoptic', not {cfg.setting!r}")
+        if cfg.panoptic.instance_gap < 0:
+            raise ConfigError(f"panoptic.instance_gap must be >= 0 (0 = off): {cfg.panoptic.instance_gap}")
         super().__init__(cfg, out_dir=out_dir, resume=resume)
         self._set_names()
 
@@ -90,7 +93,8 @@ class PanopticTrainer(Trainer):
 
     def _checkpoint_model(self) -> tuple[ModelConfig, PanopticInfo | None]:
         spec = self.panoptic_split.spec
-        return self.model_cfg.model, PanopticInfo(self.model_cfg.head, spec.things, spec.min_points)
+        return self.model_cfg.model, PanopticInfo(self.model_cfg.head, spec.things, spec.min_points,
+                                                  self.cfg.panoptic.instance_gap)
 
     def _meta(self, stage: str) -> dict[str, Any]:
         return {**super()._meta(stage), "split": self.panoptic_split.to_dict()}
@@ -118,7 +122,7 @@ class PanopticTrainer(Trainer):
         ``evaluation.cameras`` and the head fuses them; the configured score threshold)."""
         e, split = self.cfg.evaluation, self.panoptic_split
         return PanopticFramePredictor(self.bare, self.names, torch.from_numpy(split.spec.thing_mask()),
-                                      split.spec.min_points, self.device,
+                                      self._checkpoint_model()[1], self.device,
                                       teacher=self.teacher if e.cameras else None, text=self.text,
                                       score_threshold=e.score_threshold)
 
@@ -134,11 +138,13 @@ class PanopticTrainer(Trainer):
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Evaluate a trained panoptic checkpoint instead of the fresh model: its weights, and the
-        name vectors its stored text bank gives this config's vocabulary."""
+        name vectors its stored text bank gives this config's vocabulary. The merge's
+        ``instance_gap`` is the config's (an inference setting: one model scored at several gaps)."""
         ckpt = load_checkpoint(path, self.identity)
         if ckpt.panoptic is None:
             raise CheckpointError(f"{path} is not a panoptic checkpoint")
-        if (ckpt.model_config, ckpt.panoptic) != self._checkpoint_model():
+        ckpt_info = replace(ckpt.panoptic, instance_gap=self.cfg.panoptic.instance_gap)
+        if (ckpt.model_config, ckpt_info) != self._checkpoint_model():
             raise CheckpointError(f"{path}: its model {ckpt.model_config} / {ckpt.panoptic} differs from the "
                                   f"config's {self._checkpoint_model()}")
         self.bare.load_state_dict(ckpt.state_dict)

@@ -36,7 +36,7 @@ from clip3d_core.metrics import (
     merged_results,
 )
 from clip3d_core.model import Clip3DNet
-from clip3d_core.model.panoptic import PanopticNet
+from clip3d_core.model.panoptic import PanopticInfo, PanopticNet
 from clip3d_core.predictor import CameraFeatures, CameraSource, Prediction, predict, predict_panoptic
 from clip3d_core.pseudo_labels import classify
 from clip3d_core.teacher import ClipTeacher, Teacher, frame_point_targets
@@ -86,20 +86,22 @@ class FramePredictor:
 
 class PanopticFramePredictor(FramePredictor):
     """A panoptic model on one frame, as the segmenter runs it: `predict_panoptic` with every name's
-    text row (a class scores the maximum over its names), the frame's camera features for fusion
-    heads (made by ``teacher`` against ``text``, one row per class) and ``score_threshold``."""
+    text row (a class scores the maximum over its names), the merge settings of ``info`` (the
+    checkpoint's `PanopticInfo`), the frame's camera features for fusion heads (made by ``teacher``
+    against ``text``, one row per class) and ``score_threshold``."""
 
-    def __init__(self, model: PanopticNet, names: NameEmbeddings, thing: Tensor, min_points: int,
+    def __init__(self, model: PanopticNet, names: NameEmbeddings, thing: Tensor, info: PanopticInfo,
                  device: torch.device, *, teacher: Teacher | None = None, text: Tensor | None = None,
                  score_threshold: float | None = None) -> None:
         self.model, self.names, self.device = model, names.to(device), device
         self.text = self.names.class_vectors() if text is None else text
-        self.thing, self.min_points = thing.to(device), min_points
+        self.thing, self.info = thing.to(device), info
         self.teacher = teacher if model.cfg.head.reads_camera else None
         self.score_threshold = score_threshold
 
     def _predict(self, points: Tensor, camera: CameraSource | None) -> Prediction:
-        return predict_panoptic(self.model, points, self.names.text, self.thing, min_points=self.min_points,
+        return predict_panoptic(self.model, points, self.names.text, self.thing,
+                                min_points=self.info.min_points, instance_gap=self.info.instance_gap,
                                 camera=camera, name_class=self.names.name_class,
                                 score_threshold=self.score_threshold)[0]
 
