@@ -30,7 +30,7 @@ interrupted benchmark with the same arguments). Mean ± std over seeds. A script
   nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --world easy_clean --seeds 0 1 2 \
       --iterations 250 --rows b e
   nice -n 10 .venv/bin/python benchmarks/panoptic_benchmark.py --world hard --seeds 0 1 2 \
-      --iterations 250 --rows a e b
+      --iterations 250 --rows a e b a0 d c
 (the committed results; docs/benchmark_worlds.md reads them).
 """
 
