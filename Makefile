@@ -69,7 +69,7 @@ demo-panoptic: $(STAMP)
 	  --train-config training/synthetic_panoptic_demo.yaml $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check clip3d_core clip3d_ros tests launch training
+	$(BIN)/ruff check clip3d_core clip3d_ros tests launch training benchmarks setup.py
 
 bench: $(STAMP)
 	$(BIN)/clip3d bench

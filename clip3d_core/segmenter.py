@@ -122,6 +122,17 @@ def thing_mask(vocabulary: Vocabulary, things: Sequence[str]) -> np.ndarray:
     return np.array([any(s.casefold() in known for s in e.synonyms) for e in vocabulary.entries])
 
 
+@dataclass(frozen=True)
+class _VocabState:
+    """The installed vocabulary, its unit text rows on the device and, for panoptic models, its
+    [C] bool thing classes and [T] long class of each text row (`name_classes`), all on the device."""
+
+    vocabulary: Vocabulary
+    text: torch.Tensor
+    thing: torch.Tensor | None = None
+    name_class: torch.Tensor | None = None
+
+
 class Segmenter:
     """A trained `Clip3DNet` (or `PanopticNet` with its ``panoptic`` info) plus the text embeddings
     of the current vocabulary.
@@ -167,7 +178,7 @@ class Segmenter:
         # On CUDA frames share the runtime's staging buffers and streams: one frame at a time.
         self._frame_lock = threading.Lock() if self.runtime.cuda else contextlib.nullcontext()
         self._versions = itertools.count(1)
-        self._state: tuple[Vocabulary, torch.Tensor] | None = None
+        self._state: _VocabState | None = None
         self._warned_columns = False
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
@@ -251,14 +262,14 @@ class Segmenter:
     @property
     def vocabulary(self) -> Vocabulary | None:
         state = self._state
-        return None if state is None else state[0]
+        return None if state is None else state.vocabulary
 
     @property
     def text_embeddings(self) -> torch.Tensor | None:
         """[C, D] one row per vocabulary entry (synonyms averaged); panoptic models: [T, D] one row
         per name, entries' synonyms in order (a class scores the maximum over its names)."""
         state = self._state
-        return None if state is None else state[1]
+        return None if state is None else state.text
 
     def _embed_text(self, vocab: Vocabulary) -> torch.Tensor:
         source = self.text_source
@@ -294,12 +305,13 @@ class Segmenter:
         text = self._check_text(vocabulary, text)
         with self._lock:
             current = self._state
-            if current is not None and vocabulary.version < current[0].version:
+            if current is not None and vocabulary.version < current.vocabulary.version:
                 log.warning(
-                    "dropping stale vocabulary v%d (v%d installed)", vocabulary.version, current[0].version
+                    "dropping stale vocabulary v%d (v%d installed)", vocabulary.version,
+                    current.vocabulary.version,
                 )
                 return False
-            self._state = (vocabulary, text)
+            self._state = self._vocab_state(vocabulary, text)
         log.info("vocabulary v%d: %d classes", vocabulary.version, len(vocabulary))
         return True
 
@@ -308,6 +320,13 @@ class Segmenter:
         vocab, text = self.encode_vocabulary(names)
         self.swap_vocabulary(vocab, text)
         return vocab
+
+    def _vocab_state(self, vocabulary: Vocabulary, text: torch.Tensor) -> _VocabState:
+        """Everything a frame derives from the vocabulary, made once per vocabulary (not per frame)."""
+        if self.panoptic is None:
+            return _VocabState(vocabulary, text)
+        thing = torch.from_numpy(thing_mask(vocabulary, self.panoptic.things)).to(self.device)
+        return _VocabState(vocabulary, text, thing, name_classes(vocabulary.entries).to(self.device))
 
     def _check_text(self, vocabulary: Vocabulary, text: torch.Tensor | np.ndarray) -> torch.Tensor:
         d = self.model_cfg.embed_dim
@@ -380,12 +399,12 @@ class Segmenter:
                 if isinstance(vocabulary, Vocabulary)
                 else Vocabulary.from_strings(vocabulary)
             )
-            text = self._check_text(vocab, self._embed_text(vocab))
+            state = self._vocab_state(vocab, self._check_text(vocab, self._embed_text(vocab)))
         else:
-            state = self._state  # one consistent (vocabulary, text) pair for the whole call
+            state = self._state  # one consistent vocabulary state for the whole call
             if state is None:
                 raise VocabularyError("no vocabulary set: call set_vocabulary() or pass vocabulary=")
-            vocab, text = state
+        vocab, text, thing, name_class = state.vocabulary, state.text, state.thing, state.name_class
         pts = self._points(points)
         self._check_images(images, cameras)
         has_images = images is not None and len(images) > 0  # a list or one stacked [M, H, W, 3] array
@@ -405,8 +424,7 @@ class Segmenter:
             if self.panoptic is None:
                 pred = predict(self.model, x, text, camera=camera, score_threshold=threshold, lap=watch.lap)
             else:
-                thing = torch.from_numpy(thing_mask(vocab, self.panoptic.things)).to(self.device)
-                name_class = name_classes(vocab.entries).to(self.device)
+                assert thing is not None and name_class is not None
                 pred = predict_panoptic(self.model, x, text, thing, min_points=self.panoptic.min_points,
                                         instance_gap=self.panoptic.instance_gap,
                                         name_class=name_class, camera=camera, score_threshold=threshold,

@@ -13,6 +13,7 @@ from clip3d_core.losses.mcfa import (
 )
 from clip3d_core.losses.registry import (
     LOSSES,
+    BaseTerm,
     LossInputs,
     LossParts,
     LossTerm,
@@ -24,6 +25,7 @@ from clip3d_core.losses.registry import (
 
 __all__ = [
     "LOSSES",
+    "BaseTerm",
     "LossInputs",
     "LossParts",
     "LossTerm",

@@ -7,7 +7,8 @@ typed options; the training config lists the terms with their weights::
       spatial:  {weight: 0.5}
       my_term:  {weight: 0.1, term: my_registered_name, options: {...}}   # `term` defaults to the key
 
-Adding a term is one file (a class decorated with `register_loss`, holding an ``Options`` dataclass)
+Adding a term is one file (a class decorated with `register_loss`, holding an ``Options`` dataclass;
+`BaseTerm` stores the options)
 plus one config entry. Every term reads one `LossInputs` bundle; ``extras`` carries what a later
 term needs beyond it (e.g. instance targets) without changing this signature.
 """
@@ -63,6 +64,21 @@ class LossTerm(Protocol):
     needs_teacher: ClassVar[bool]
 
     def __call__(self, inputs: LossInputs) -> Tensor: ...
+
+
+class BaseTerm:
+    """What every term class repeats: stores its ``Options`` (built by `build_loss_terms` from the
+    config entry's ``options``) and reads no teacher output unless it sets ``needs_teacher``.
+    Subclassing it is optional: any class meeting `LossTerm` and holding an ``Options`` registers."""
+
+    @dataclass
+    class Options:
+        pass
+
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
 
 
 @dataclass

@@ -46,11 +46,11 @@ class PanopticTask:
         text = self.text
         self.names = text if isinstance(text, NameEmbeddings) else \
             NameEmbeddings(text, torch.arange(text.shape[0], device=text.device), text.shape[0])
-
-    @property
-    def stuff_classes(self) -> Tensor:
-        """Dataset class of each stuff query (the base stuff classes, in class order)."""
-        return torch.tensor(self.split.base_stuff_ids, dtype=torch.long)
+        # fixed by the split: built once on the text's device, not per training step
+        device = self.names.text.device
+        self.base_index = base_class_index(self.split.num_classes, self.split.base_ids, device)
+        # dataset class of each stuff query (the base stuff classes, in class order)
+        self.stuff_classes = torch.tensor(self.split.base_stuff_ids, dtype=torch.long, device=device)
 
 
 def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any],
@@ -91,10 +91,9 @@ def training_losses(model: PanopticNet, task: PanopticTask, batch: dict[str, Any
     names = task.names.to(device)
     class_logits = model.class_logits(out, names.text, names.name_class,
                                       names.num_classes)[..., list(task.split.base_ids)]
-    base_index = base_class_index(task.split.num_classes, task.split.base_ids).to(device)
-    state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets, base_index,
-                                      task.stuff_classes.to(device), task.matching, vclip or None,
-                                      vmask or None)
+    state = PanopticLossState.matched(out.mask_logits, out.class_embed, class_logits, targets,
+                                      task.base_index.to(device), task.stuff_classes.to(device),
+                                      task.matching, vclip or None, vmask or None)
     features = point_embeddings(out)
     valid = out.vox.valid
     inputs = LossInputs(features=features, valid=valid,

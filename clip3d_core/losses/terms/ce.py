@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import Tensor
 
 from clip3d_core.losses.classification import class_frequency_weights, masked_cross_entropy
-from clip3d_core.losses.registry import LossInputs, register_loss
+from clip3d_core.losses.registry import BaseTerm, LossInputs, register_loss
 
 
 @register_loss("ce")
-class CrossEntropyTerm:
+class CrossEntropyTerm(BaseTerm):
     @dataclass
     class Options:
         class_balance: float = 0.0  # class weights (n_c / n) ** -power per batch; 0 = unweighted
         label_smoothing: float = 0.0
-
-    needs_teacher: ClassVar[bool] = False
-
-    def __init__(self, options: Options) -> None:
-        self.options = options
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         o = self.options

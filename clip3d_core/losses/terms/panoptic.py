@@ -14,7 +14,7 @@ step matches queries to segments once per batch and every term shares that match
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -26,7 +26,7 @@ from clip3d_core.losses.panoptic import (
     object_term,
     voxel_term,
 )
-from clip3d_core.losses.registry import LossInputs, LossTermConfig, register_loss
+from clip3d_core.losses.registry import BaseTerm, LossInputs, LossTermConfig, register_loss
 
 PANOPTIC_KEY = "panoptic"
 
@@ -47,21 +47,8 @@ def _state(inputs: LossInputs) -> PanopticLossState:
     return state
 
 
-class _Term:
-    """Options holder shared by the panoptic terms (the registry builds ``cls(cls.Options(...))``)."""
-
-    @dataclass
-    class Options:
-        pass
-
-    needs_teacher: ClassVar[bool] = False
-
-    def __init__(self, options: Any) -> None:
-        self.options = options
-
-
 @register_loss("panoptic_class")
-class PanopticClassTerm(_Term):
+class PanopticClassTerm(BaseTerm):
     @dataclass
     class Options:
         alpha: float = 0.25  # most (query, class) pairs are negatives
@@ -72,7 +59,7 @@ class PanopticClassTerm(_Term):
 
 
 @register_loss("panoptic_mask")
-class PanopticMaskTerm(_Term):
+class PanopticMaskTerm(BaseTerm):
     @dataclass
     class Options:
         alpha: float = -1.0  # < 0: no positive/negative balancing of the voxels (as BCE in Mask2Former)
@@ -83,13 +70,13 @@ class PanopticMaskTerm(_Term):
 
 
 @register_loss("panoptic_dice")
-class PanopticDiceTerm(_Term):
+class PanopticDiceTerm(BaseTerm):
     def __call__(self, inputs: LossInputs) -> Tensor:
         return dice_term(_state(inputs))
 
 
 @register_loss("object_distill")
-class ObjectDistillTerm(_Term):
+class ObjectDistillTerm(BaseTerm):
     needs_teacher: ClassVar[bool] = True
 
     def __call__(self, inputs: LossInputs) -> Tensor:
@@ -97,7 +84,7 @@ class ObjectDistillTerm(_Term):
 
 
 @register_loss("voxel_distill")
-class VoxelDistillTerm(_Term):
+class VoxelDistillTerm(BaseTerm):
     needs_teacher: ClassVar[bool] = True
 
     def __call__(self, inputs: LossInputs) -> Tensor:

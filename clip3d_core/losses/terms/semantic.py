@@ -11,20 +11,17 @@ from torch import Tensor
 
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.losses.mcfa import semantic_alignment_loss
-from clip3d_core.losses.registry import LossInputs, register_loss
+from clip3d_core.losses.registry import BaseTerm, LossInputs, register_loss
 
 
 @register_loss("semantic")
-class SemanticAlignmentTerm:
+class SemanticAlignmentTerm(BaseTerm):
     @dataclass
     class Options:
         temperature: float = 0.07
         balance: bool = True  # every class weighs the same
 
     needs_teacher: ClassVar[bool] = True
-
-    def __init__(self, options: Options) -> None:
-        self.options = options
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         pt = inputs.point_targets

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from clip3d_core.losses.mcfa import spatial_alignment_loss
-from clip3d_core.losses.registry import LossInputs, register_loss
+from clip3d_core.losses.registry import BaseTerm, LossInputs, register_loss
 
 
 @register_loss("spatial")
-class SpatialAlignmentTerm:
+class SpatialAlignmentTerm(BaseTerm):
     @dataclass
     class Options:
         temperature: float = 0.07
@@ -23,9 +23,6 @@ class SpatialAlignmentTerm:
         min_points: int = 1
 
     needs_teacher: ClassVar[bool] = True
-
-    def __init__(self, options: Options) -> None:
-        self.options = options
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         pt = inputs.point_targets
