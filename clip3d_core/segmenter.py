@@ -173,7 +173,6 @@ class Segmenter:
         self.teacher = None if self.dense is None else ClipTeacher(
             self.dense, short_side=image_short_side, upload=self.runtime.buffers.upload)
         self.score_threshold = score_threshold
-        self.image_short_side = image_short_side
         self._lock = threading.Lock()
         # On CUDA frames share the runtime's staging buffers and streams: one frame at a time.
         self._frame_lock = threading.Lock() if self.runtime.cuda else contextlib.nullcontext()

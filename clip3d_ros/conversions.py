@@ -9,6 +9,7 @@ message is built. Anything malformed raises `CloudFormatError` / `ImageFormatErr
 from __future__ import annotations
 
 import array
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -345,6 +346,7 @@ def rgb_for_labels(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return table[np.minimum(labels, len(table) - 1)]
 
 
+@functools.cache  # four layouts in all; built per frame otherwise
 def _output_dtype(with_intensity: bool, with_instance: bool = False) -> np.dtype:
     # 4-byte aligned fields, label padded to 4 bytes: x y z [intensity] label score rgb [instance]
     # (instance last, so clouds of semantic models keep their layout byte for byte).

@@ -190,8 +190,9 @@ class Clip3DNode(Node):
         self._last_log: dict[str, float] = {}
         self.timings: deque[FrameTiming] = deque(maxlen=1000)
 
+        self._camera_names = [c.name for c in p.cameras]  # cameras are read-only parameters
         self._queue = FrameQueue(p.queue_depth)
-        self.diagnostics = PipelineDiagnostics([c.name for c in p.cameras], p.budget_ms)
+        self.diagnostics = PipelineDiagnostics(self._camera_names, p.budget_ms)
         self.diagnostics.on_queue(0, 0, p.queue_depth)
         self._sync = CloudCameraSync(
             len(p.cameras),
@@ -215,9 +216,10 @@ class Clip3DNode(Node):
         self._meta_pub = self.create_publisher(String, LABELS_META_TOPIC, labels_meta_qos())
         self._vocab_pub = self.create_publisher(String, VOCABULARY_TOPIC, vocabulary_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._panoptic = self._segmenter.panoptic is not None  # one model for the node's life
         self._objects_pub = (  # panoptic models only: semantic ones have no instances
             self.create_publisher(MarkerArray, OBJECTS_TOPIC, p.qos_output.profile())
-            if self._segmenter.panoptic is not None else None
+            if self._panoptic else None
         )
 
         self._vocab_request: Any = None
@@ -265,7 +267,7 @@ class Clip3DNode(Node):
         self.get_logger().info(
             f"labelling {self._cloud_sub.topic_name} -> {self._cloud_pub.topic_name} with "
             f"{len(self.active_vocabulary)} "
-            f"classes, cameras {[c.name for c in p.cameras] or 'none'}{''.join(', ' + e for e in extras)}"
+            f"classes, cameras {self._camera_names or 'none'}{''.join(', ' + e for e in extras)}"
         )
 
     # ------------------------------------------------------------------ setup
@@ -502,20 +504,21 @@ class Clip3DNode(Node):
             cameras,
             vocabulary=self.active_vocabulary,
             score_threshold=self.params.score_threshold or None,
-            panoptic=self._segmenter.panoptic is not None,
+            panoptic=self._panoptic,
         )
         vocab, out = labelled.vocabulary, labelled.records
         t2 = time.perf_counter()
 
         out_msg = array_to_cloud(out, msg.header, height=labelled.height)
-        names = [c.name for c in self.params.cameras]
+        names = self._camera_names
+        missing = [i for i in range(len(names)) if i not in used]
         meta = labels_meta_message(
             msg.header.stamp,
             msg.header.frame_id,
             vocab.version,
             len(out),
             [names[i] for i in used],
-            [n for i, n in enumerate(names) if i not in used],
+            [names[i] for i in missing],
         )
         t3 = time.perf_counter()
         self._meta_pub.publish(meta)  # first, so a consumer holding the cloud can already look it up
@@ -540,7 +543,6 @@ class Clip3DNode(Node):
             header_to_publish_ms=(end_ns - frame.stamp_ns) / 1e6,
         )
         self.timings.append(timing)
-        missing = [i for i in range(len(names)) if i not in used]
         self.diagnostics.on_frame(
             frame.stamp_ns, timing.total_ms, timing.model_ms, timing.header_to_publish_ms, used, missing
         )

@@ -39,9 +39,13 @@ def instance_boxes(xyz: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
     instance = np.asarray(instance, dtype=np.int64)
     semantic = np.asarray(semantic, dtype=np.int64)
     score = np.ones(len(xyz)) if score is None else np.asarray(score, dtype=np.float64)
+    # group the points by instance with one stable sort (each group keeps input order), instead of
+    # a full-cloud mask per instance: this runs on every frame of the node's objects topic
+    rows = np.flatnonzero(instance > 0)
+    rows = rows[np.argsort(instance[rows], kind="stable")]
+    ids, starts = np.unique(instance[rows], return_index=True)
     boxes = []
-    for inst in np.unique(instance[instance > 0]):
-        sel = instance == inst
+    for inst, sel in zip(ids, np.split(rows, starts[1:])):
         p = xyz[sel]
         if len(p) < min_points or not np.isfinite(p).all():
             continue
@@ -67,5 +71,5 @@ def instance_boxes(xyz: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
             instance=int(inst), label=int(labels[np.argmax(counts)]), score=float(score[sel].mean()),
             center=(float(center_xy[0]), float(center_xy[1]), float((z0 + z1) / 2)),
             size=(float(hi[0] - lo[0]), float(hi[1] - lo[1]), float(z1 - z0)), yaw=yaw,
-            num_points=int(sel.sum())))
+            num_points=len(sel)))
     return boxes
