@@ -186,7 +186,7 @@ class Trainer:
     def _needs_teacher(self) -> bool:
         cfg = self.cfg
         return (cfg.pseudo.enabled or self.model_cfg.fusion
-                or any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
+                or any(t.reads_teacher for t in self.loss_terms)
                 or (cfg.self_training.enabled and cfg.self_training.keep_teacher_labels))
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -83,7 +83,7 @@ class PanopticTrainer(Trainer):
         return PanopticNet(self.model_cfg, backend=sparse_backend.for_device(self.device))
 
     def _needs_teacher(self) -> bool:
-        distill = any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
+        distill = any(t.reads_teacher for t in self.loss_terms)
         return self.model_cfg.head.reads_camera or distill
 
     def _amp_dtype(self) -> torch.dtype | None:
