@@ -110,6 +110,11 @@ class WeightedTerm:
     weight: float
     term: LossTerm
 
+    @property
+    def reads_teacher(self) -> bool:
+        """Enabled and reading the teacher's point targets: a trainer must run the teacher for it."""
+        return self.weight > 0 and self.term.needs_teacher
+
 
 def build_loss_terms(entries: Mapping[str, LossTermConfig]) -> list[WeightedTerm]:
     """The configured terms, in config order (unknown names or options raise `ConfigError`)."""

@@ -38,7 +38,7 @@ from clip3d_core.config import ConfigError, to_dict
 from clip3d_core.data import ZeroShotSplit, collate_frames
 from clip3d_core.labels import IGNORE_INDEX
 from clip3d_core.losses import LossInputs, LossParts, build_loss_terms, combine_losses
-from clip3d_core.metrics import SemanticMetric
+from clip3d_core.metrics import Metric, SemanticMetric
 from clip3d_core.model import Clip3DNet, ModelConfig, sparse_backend
 from clip3d_core.model.panoptic import PanopticInfo
 from clip3d_core.predictor import CameraFeatures, predict
@@ -186,7 +186,7 @@ class Trainer:
     def _needs_teacher(self) -> bool:
         cfg = self.cfg
         return (cfg.pseudo.enabled or self.model_cfg.fusion
-                or any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
+                or any(t.reads_teacher for t in self.loss_terms)
                 or (cfg.self_training.enabled and cfg.self_training.keep_teacher_labels))
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -433,14 +433,25 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, Any]:
-        self.model.eval()
+    def predictor(self) -> FramePredictor:
+        """The model on one frame as the segmenter runs it (camera features when
+        ``evaluation.cameras`` and the model fuses them; the configured score threshold)."""
         e = self.cfg.evaluation
-        predictor = FramePredictor(self.bare, self.text, self.device, score_threshold=e.score_threshold,
-                                   teacher=self.teacher if e.cameras else None)
-        metrics = evaluate({"model": predictor}, self.val_set, self.split.classes, self.split.unseen_ids,
-                           metrics=e.metrics, info=self.info, progress=self.cfg.trainer.progress)["model"]
+        return FramePredictor(self.bare, self.text, self.device, score_threshold=e.score_threshold,
+                              teacher=self.teacher if e.cameras else None)
+
+    def _evaluate_metrics(self) -> dict[str, Metric]:
+        """The configured metrics of `predictor` over the evaluation frames (sharded over DDP
+        processes, merged); unseen classes are the split's."""
+        self.model.eval()
+        metrics = evaluate({"model": self.predictor()}, self.val_set, self.split.classes,
+                           self.split.unseen_ids, metrics=self.cfg.evaluation.metrics, info=self.info,
+                           progress=self.cfg.trainer.progress)["model"]
         self.model.train()
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = self._evaluate_metrics()
         semantic = metrics.get("semantic")
         report = semantic.report().to_dict() if isinstance(semantic, SemanticMetric) else None
         return {**summary(metrics), "report": report}

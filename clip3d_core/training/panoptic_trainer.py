@@ -43,7 +43,7 @@ from clip3d_core.training.data import build_model_config
 from clip3d_core.training.engine import Trainer
 from clip3d_core.training.panoptic import PanopticTask, training_losses
 from clip3d_core.training.stages import Stage
-from clip3d_core.training.validation import PanopticFramePredictor, evaluate, summary
+from clip3d_core.training.validation import PanopticFramePredictor, summary
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class PanopticTrainer(Trainer):
         return PanopticNet(self.model_cfg, backend=sparse_backend.for_device(self.device))
 
     def _needs_teacher(self) -> bool:
-        distill = any(t.weight > 0 and t.term.needs_teacher for t in self.loss_terms)
+        distill = any(t.reads_teacher for t in self.loss_terms)
         return self.model_cfg.head.reads_camera or distill
 
     def _amp_dtype(self) -> torch.dtype | None:
@@ -127,14 +127,9 @@ class PanopticTrainer(Trainer):
                                       score_threshold=e.score_threshold)
 
     def evaluate(self) -> dict[str, Any]:
-        """The configured metrics over the evaluation frames (sharded over DDP processes, merged)."""
-        self.model.eval()
-        split = self.panoptic_split
-        metrics = evaluate({"model": self.predictor()}, self.val_set, split.classes, split.novel_ids,
-                           metrics=self.cfg.evaluation.metrics, info=self.info,
-                           progress=self.cfg.trainer.progress)["model"]
-        self.model.train()
-        return summary(metrics)
+        """The configured metrics' results (`Trainer._evaluate_metrics`: the split's classes, the
+        novel ones unseen), without the semantic trainer's per-class report."""
+        return summary(self._evaluate_metrics())
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Evaluate a trained panoptic checkpoint instead of the fresh model: its weights, and the
