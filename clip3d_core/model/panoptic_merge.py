@@ -77,11 +77,10 @@ def panoptic_merge(mask_logits: Tensor, class_logits: Tensor, thing: Tensor, poi
                          f"and thing {tuple(thing.shape)} disagree")
     n = point_to_voxel.shape[0]
     device = mask_logits.device
-    semantic = torch.full((n,), -1, dtype=torch.long, device=device)
-    instance = torch.zeros(n, dtype=torch.long, device=device)
-    score = torch.zeros(n, dtype=torch.float32, device=device)
     if q_count == 0 or v == 0 or n == 0:
-        return PanopticPoints(semantic, instance, score)
+        return PanopticPoints(torch.full((n,), -1, dtype=torch.long, device=device),
+                              torch.zeros(n, dtype=torch.long, device=device),
+                              torch.zeros(n, dtype=torch.float32, device=device))
     q_score, q_class = class_logits.sigmoid().max(dim=1)
     q_weight = torch.where(q_score > min_score, q_score, torch.zeros_like(q_score))
     weight = mask_logits.sigmoid() * q_weight[:, None]
@@ -105,14 +104,16 @@ def panoptic_merge(mask_logits: Tensor, class_logits: Tensor, thing: Tensor, poi
     c = class_logits.shape[1]
     key = torch.where(is_thing, c + segment, q_class[pq])
     key = torch.where(valid, key, torch.full_like(key, -1))
-    size = torch.bincount(key[valid], minlength=c + n_segments)
+    # Per-point selections below are torch.where / gathers, not boolean indexing: a boolean index is
+    # a nonzero (a host sync on GPU, most of this function's CPU time on a 100k-point cloud) and this
+    # runs on every frame. Invalid points (key -1) count in bin 0, which is dropped.
+    size = torch.bincount(key + 1, minlength=c + n_segments + 1)[1:]
     keep = valid & (size[key.clamp(min=0)] >= min_points)
-    semantic[keep] = q_class[pq[keep]]
-    score[keep] = q_score[pq[keep]].float()
+    semantic = torch.where(keep, q_class[pq], -1)
+    score = torch.where(keep, q_score[pq].float(), 0.0)
     # instance ids 1..K for the kept thing segments, in segment order (query order: deterministic)
-    kept_thing = torch.zeros(n_segments, dtype=torch.bool, device=device)
-    kept_thing[segment[keep & is_thing]] = True
+    slot = torch.where(keep & is_thing, segment + 1, 0)  # 0: in no kept thing segment
+    kept_thing = torch.bincount(slot, minlength=n_segments + 1)[1:] > 0
     ids = torch.cumsum(kept_thing.long(), 0) * kept_thing
-    thing_kept = keep & is_thing
-    instance[thing_kept] = ids[segment[thing_kept]]
+    instance = torch.cat((ids.new_zeros(1), ids))[slot]
     return PanopticPoints(semantic, instance, score)
