@@ -26,6 +26,13 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`data.options.cache_dir` for synthetic runs: each world's frames are ray-cast once per session
+    (the cache is keyed by the world config, and frame i depends only on (config, i))."""
+    return tmp_path_factory.mktemp("frames")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """torch on one CPU thread for the whole session (tests that need more threads set them):

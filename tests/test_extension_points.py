@@ -84,13 +84,13 @@ class ToyCoverageMetric:
 # ------------------------------------------------------------------ tests
 
 
-def test_a_toy_term_and_a_toy_metric_are_one_config_entry_each(tmp_path: Path) -> None:
+def test_a_toy_term_and_a_toy_metric_are_one_config_entry_each(tmp_path: Path, frame_cache: Path) -> None:
     cfg = load_train_config(TINY, [
         "loss.toy_mean_feature.weight=0.1",  # the one config entry of the loss term
         "evaluation.metrics.toy_coverage={}",  # the one config entry of the metric
         "trainer.iterations=2", "self_training.enabled=false", "trainer.precise_bn_batches=1",
         "data.options.val_frames=1", "trainer.log_every=1", "trainer.checkpoint_every=0",
-        f"data.options.cache_dir={tmp_path / 'frames'}",
+        f"data.options.cache_dir={frame_cache}",
     ])
     result = Trainer(cfg, out_dir=tmp_path / "run").fit()
     logged = result.history[-1]

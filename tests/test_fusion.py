@@ -27,12 +27,12 @@ D = 32
 
 
 @pytest.fixture(scope="module")
-def fusion_run(tmp_path_factory: pytest.TempPathFactory):
+def fusion_run(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path):
     tmp = tmp_path_factory.mktemp("fusion")
     cfg = load_train_config(TINY, ["model.fusion=true", "fusion.camera_dropout=0.2", "trainer.iterations=4",
                                    "self_training.enabled=false", "trainer.precise_bn_batches=1",
                                    "data.options.val_frames=1", "trainer.checkpoint_every=0",
-                                   f"data.options.cache_dir={tmp / 'frames'}"])
+                                   f"data.options.cache_dir={frame_cache}"])
     trainer = Trainer(cfg, out_dir=tmp / "run")
     before = {k: v.clone() for k, v in trainer.bare.fusion.state_dict().items()}
     return trainer, before, trainer.fit()

@@ -187,12 +187,6 @@ def test_timers_wait_for_the_segmenters_device() -> None:
     del b
 
 
-@pytest.fixture(scope="module")
-def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic frames ray-cast once for both training runs."""
-    return tmp_path_factory.mktemp("frames")
-
-
 @pytest.mark.parametrize("amp", ["bf16", "off"])
 def test_a_training_step_runs_on_cuda(tmp_path: Path, frame_cache: Path, amp: str) -> None:
     from clip3d_core.training import Trainer, load_train_config

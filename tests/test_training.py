@@ -38,12 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "synthetic_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic frames ray-cast once for every run of this module."""
-    return tmp_path_factory.mktemp("frames")
-
-
 # ------------------------------------------------------------------------------ config
 
 
