@@ -209,14 +209,14 @@ def run(row: dict[str, Any], seed: int, data: dict[str, Any], iterations: int) -
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     train, targets = data["train"], data["train_targets"]
+    # without fusion and distillation training never reads the CLIP features
+    reads_clip = row["fusion"] or row["w_object"] > 0 or row["w_voxel"] > 0
     t0 = time.perf_counter()
     for _ in range(iterations):
         pick = torch.randperm(len(train), generator=g)[:2].tolist()
         batch = collate_frames([train[i] for i in pick])
-        pt = PointTargets.cat([targets[i] for i in pick])
-        distill = row["w_object"] > 0 or row["w_voxel"] > 0
-        # without fusion and distillation training never reads the CLIP features
-        parts = training_losses(model, task, batch, pt if (row["fusion"] or distill) else None)
+        pt = PointTargets.cat([targets[i] for i in pick]) if reads_clip else None
+        parts = training_losses(model, task, batch, pt)
         opt.zero_grad()
         parts.total.backward()
         opt.step()
