@@ -132,8 +132,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _segmenter(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
-    """(Segmenter with a random vocabulary, its model) for one case."""
+def _segmenter(case: dict[str, Any], device: Any) -> Any:
+    """The Segmenter of one case, with a random vocabulary."""
     import torch
 
     import clip3d_core  # noqa: F401  (compat fixes before spconv)
@@ -178,7 +178,7 @@ def _segmenter(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
                         device=device, runtime=runtime)
     vocab = Vocabulary.from_strings(names, version=1)
     seg.swap_vocabulary(vocab, torch.randn(len(vocab), cfg.embed_dim))
-    return seg, seg.model
+    return seg
 
 
 def _case(case: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +206,8 @@ def _measure(case: dict[str, Any], started: float) -> dict[str, Any]:
         base_alloc = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_rss_mb()
-    seg, model = _segmenter(case, device)
+    seg = _segmenter(case, device)
+    model = seg.model  # on the backend and device the runtime chose
     points, source = bench_cloud(case["points"], Path(case["cloud"]) if case["cloud"] else None)
     images = cameras = None
     if case["cameras"]:
